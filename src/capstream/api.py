@@ -1,0 +1,168 @@
+"""The Python entry point: ``caption_dataset(source, config=..., llm=...)``.
+
+    >>> from capstream import caption_dataset
+    >>> ds = caption_dataset("user/my-images", config={"model": {"provider": "mock"}, "output": {"dir": "out"}})
+    >>> ds[0]["caption"], ds[0]["error"]
+
+``run()`` is the same work returning the run's summary instead of the dataset; the CLI uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+
+from .captioner import Captioner, endpoint_label
+from .config import Config, resolve_config
+from .engine import Interrupted, Runner
+from .errors import RunStopped
+from .progress import ProgressBar
+from .sinks import write_card, write_summary
+from .source import open_source
+from .store import RunStore, atomic_write_json
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    store: RunStore
+
+
+def _with_source(config: Config, source: Any) -> tuple[Config, Any]:
+    """A Hub id or path given as ``source`` fills ``dataset.path``; a dataset object is used as is."""
+    if isinstance(source, (str, os.PathLike)):
+        config = config.model_copy(deep=True)
+        config.dataset.path = str(source)
+        return config, None
+    return config, source
+
+
+def run(config: Config | dict | str | None = None, source: Any = None, *, llm: Any = None, overwrite: bool = False,
+        show_progress: bool = True, handle_signals: bool = False) -> RunResult:
+    """Caption ``source`` (or ``config.dataset``) into ``config.output.dir``; return the summary.
+
+    Raises ``ConfigError`` before anything is read or sent, ``RunStopped`` (``Interrupted`` for a
+    stop request) when the run ends early with its state saved for a rerun.
+    """
+    config, data = _with_source(resolve_config(config), source)
+    captioner = Captioner(config, llm=llm)  # checks the key before anything is read
+    src = open_source(config.dataset, data)
+    out_dir = config.output.dir or tempfile.mkdtemp(prefix="capstream-")
+    store = RunStore(out_dir, config.dataset.split)
+    fingerprint = config.fingerprint()
+    if data is not None:
+        fingerprint["dataset.fingerprint"] = getattr(data, "_fingerprint", None)
+    store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
+    atomic_write_json(store.state / "config.json", config.redacted())
+
+    runner = Runner(src, captioner, store)
+    bar = ProgressBar(src.num_rows, runner.stats, enabled=show_progress and not store.complete,
+                      initial=store.totals()["rows"])
+    runner.progress = bar
+    started = time.time()
+    failure: RunStopped | None = None
+    report = None
+    try:
+        report = _run_async(runner.run(), runner, handle_signals)
+    except RunStopped as err:
+        failure = err
+    finally:
+        bar.close()
+        captioner.close()
+    totals = store.totals()
+    summary = {
+        **totals,
+        "complete": store.complete,
+        "rows_this_run": runner.stats.rows,
+        "requests": runner.stats.requests,
+        "retries": runner.stats.retries,
+        "seconds": round(time.time() - started, 3),
+        "rows_per_s": round(runner.stats.rows / max(1e-9, time.time() - started), 2),
+        "model": config.model.name,
+        "endpoint": endpoint_label(config),
+        "output_dir": str(store.dir),
+        "stopped": str(failure) if failure else None,
+    }
+    write_summary(store, summary)
+    write_card(store, config, summary)
+    if failure is not None:
+        failure.summary = summary
+        raise failure
+    return RunResult(summary, store)
+
+
+def _run_async(coro, runner: Runner, handle_signals: bool):
+    """Run on a fresh loop; in a thread when the caller is already inside one (notebooks)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_with_signals(coro, runner) if handle_signals else coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="capstream-run")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+async def _with_signals(coro, runner: Runner):
+    """First Ctrl-C (or SIGTERM): stop taking rows and finish in-flight ones. Second: exit at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if runner.stop_requested.is_set():
+            print("\ncapstream: stopping now; rerun the same command to resume", file=sys.stderr, flush=True)
+            os._exit(130)
+        print("\ncapstream: finishing the requests in flight and saving (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+        runner.request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await coro
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def caption_dataset(source: Any, config: Config | dict | str | None = None, *, llm: Any = None,
+                    overwrite: bool = False, show_progress: bool = True) -> datasets.Dataset:
+    """Caption every image of ``source`` and return the dataset with caption and error columns.
+
+    ``source``: a ``Dataset``, ``IterableDataset``, Hub id or local path (or None to use
+    ``config.dataset.path``). ``config``: a YAML path, a dict with the YAML's structure, or a
+    ``Config``. ``llm``: any LangChain chat model to use instead of ``config.model``. The output
+    folder (``config.output.dir``, or a temporary one) is written as for the CLI, and a rerun into
+    the same folder resumes.
+    """
+    result = run(config, source, llm=llm, overwrite=overwrite, show_progress=show_progress)
+    return load_output(result.store)
+
+
+def load_output(store: RunStore) -> datasets.Dataset:
+    """The output folder's shards as one Dataset, in source order."""
+    files = [str(p) for p in store.shard_paths()]
+    if not files:
+        raise RunStopped(f"{store.dir}: no output shards")
+    return datasets.Dataset.from_parquet(files)
+
+
+__all__ = ["caption_dataset", "run", "RunResult", "Interrupted", "load_output"]

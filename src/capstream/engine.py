@@ -1,0 +1,203 @@
+"""The async runner: rows flow continuously through a bounded window of chunks.
+
+    reader thread ──chunks──▶ feeder ──row tasks──▶ CaptionSession.caption ──▶ results log
+                                                                              └─▶ chunk done ─▶ shard
+
+* The reader pulls chunks from the source in a worker thread, one ahead of the feeder.
+* The feeder starts one task per row that has no logged answer, never more than
+  ``2 * max_concurrency`` at once (so images are prepared while earlier requests run), and never
+  more than ``run.window_chunks`` unfinished chunks: memory is bounded by the window, not the dataset.
+* Each answer is appended to the results log before the row counts as done; a chunk whose rows are
+  all done is written as a shard in a worker thread while later chunks go on. Chunks finish out of
+  order; shard names keep source order.
+* A ``RunStopped`` from any row (endpoint down, bad key, disk full) or a stop request (Ctrl-C) stops
+  the feeder; requests already in flight finish (bounded), everything received is written, and the
+  error is raised for the caller. A rerun resumes.
+
+This module knows nothing of YAML, the CLI or the Hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .captioner import Captioner, RowResult, Stats
+from .errors import RunStopped
+from .source import Chunk, Source
+from .store import RunStore, output_features
+
+
+class Interrupted(RunStopped):
+    """The user asked the run to stop (Ctrl-C); what was received is saved."""
+
+
+@dataclass
+class RunReport:
+    """What this invocation did (``Stats`` of the rows it processed) and how long it took."""
+
+    stats: Stats
+    seconds: float
+    chunks_written: int
+    rows_from_log: int
+
+
+class _ChunkState:
+    def __init__(self, chunk: Chunk):
+        self.chunk = chunk
+        self.pending = len(chunk)
+
+
+class Runner:
+    """One pass over a source into a store. Use once: ``await Runner(...).run()``."""
+
+    def __init__(self, source: Source, captioner: Captioner, store: RunStore, *,
+                 progress: Callable[[RowResult], None] | None = None, drain_timeout_s: float | None = None):
+        self.source = source
+        self.captioner = captioner
+        self.store = store
+        self.config = captioner.config
+        self.progress = progress or (lambda result: None)
+        self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else self.config.model.timeout_s + 5
+        self.features = output_features(source.features, self.config.output.caption_column, self.config.output.error_column)
+        self.stop_requested = asyncio.Event()
+        self.failure: RunStopped | None = None
+        self.stats = Stats()
+        self._row_tasks: set[asyncio.Task] = set()
+        self._chunk_tasks: set[asyncio.Task] = set()
+        self._chunks_written = 0
+        self._rows_from_log = 0
+
+    def request_stop(self) -> None:
+        """Stop taking new rows; in-flight requests finish; the run then raises ``Interrupted``."""
+        self.stop_requested.set()
+
+    async def run(self) -> RunReport:
+        started = time.monotonic()
+        cfg = self.config
+        self.session = self.captioner.session(base_dir=self.source.base_dir)
+        self.session.stats = self.stats
+        done = self.store.done_chunks
+        self.logged = self.store.logged_results(done)
+        self.window = asyncio.Semaphore(cfg.run.window_chunks)
+        self.row_slots = asyncio.Semaphore(2 * cfg.limits.max_concurrency)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        chunks = self.source.chunks(cfg.run.chunk_size, skip=done)
+        reader = asyncio.create_task(self._read(chunks, queue))
+        try:
+            await self._feed(queue)
+        finally:
+            reader.cancel()
+            await self._drain()
+            self.store.close()
+        if self.failure is not None:
+            raise self.failure
+        if self.stop_requested.is_set():
+            raise Interrupted("stopped by request")
+        self.store.finish(self.source.chunk_count)
+        return RunReport(self.stats, time.monotonic() - started, self._chunks_written, self._rows_from_log)
+
+    async def _read(self, chunks, queue: asyncio.Queue) -> None:
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, chunks, None)
+                await queue.put(chunk)
+                if chunk is None:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except RunStopped as err:
+            self._fail(err)
+            await queue.put(None)
+        except Exception as err:  # a source that breaks mid-stream (network, corrupt file)
+            self._fail(RunStopped(f"reading the dataset failed: {type(err).__name__}: {err}"))
+            await queue.put(None)
+
+    async def _feed(self, queue: asyncio.Queue) -> None:
+        image_column = self.source.image_column
+        key_column = self.config.dataset.key_column
+        while not self.stop_requested.is_set():
+            await self.window.acquire()
+            chunk = await queue.get()
+            if chunk is None or self.stop_requested.is_set():
+                self.window.release()
+                return
+            state = _ChunkState(chunk)
+            keys = chunk.columns[key_column] if key_column else range(chunk.start, chunk.start + len(chunk))
+            images = chunk.columns.get(image_column)
+            if images is None:
+                self._fail(RunStopped(f"dataset.image_column: no column {image_column!r} in the rows read"))
+                self.window.release()
+                return
+            for offset, key in enumerate(keys):
+                logged = self.logged.pop(key, None)
+                if logged is not None:
+                    self._rows_from_log += 1
+                    self._row_done(state, offset, RowResult(logged["c"], logged["e"], logged["ti"], logged["to"]))
+                    continue
+                await self.row_slots.acquire()
+                if self.stop_requested.is_set():
+                    self.row_slots.release()
+                    return
+                task = asyncio.create_task(self._row(state, offset, key, images[offset]))
+                self._row_tasks.add(task)
+                task.add_done_callback(self._row_tasks.discard)
+            if len(chunk) == 0:
+                self.window.release()
+
+    async def _row(self, state: _ChunkState, offset: int, key: Any, value: Any) -> None:
+        try:
+            result = await self.session.caption(value)
+            self.store.log_result(state.chunk.index, key, result)
+        except RunStopped as err:
+            self._fail(err)
+            return
+        finally:
+            self.row_slots.release()
+        self.progress(result)
+        self._row_done(state, offset, result)
+
+    def _row_done(self, state: _ChunkState, offset: int, result: RowResult) -> None:
+        state.chunk.results[offset] = result
+        state.pending -= 1
+        if state.pending == 0:
+            task = asyncio.create_task(self._write(state.chunk))
+            self._chunk_tasks.add(task)
+            task.add_done_callback(self._chunk_tasks.discard)
+
+    async def _write(self, chunk: Chunk) -> None:
+        out = self.config.output
+        results = [chunk.results[i] for i in range(len(chunk))]
+        columns = dict(chunk.columns)
+        columns[out.caption_column] = [r.caption for r in results]
+        columns[out.error_column] = [r.error for r in results]
+        try:
+            await asyncio.to_thread(self.store.write_shard, chunk.index, columns, self.features, self.source.base_dir)
+            counts = Stats()
+            for r in results:
+                counts.add(r)
+            self.store.mark_done(chunk.index, counts.as_counts())
+            self._chunks_written += 1
+        except RunStopped as err:
+            self._fail(err)
+        finally:
+            self.window.release()
+
+    def _fail(self, err: RunStopped) -> None:
+        if self.failure is None:
+            self.failure = err
+        self.stop_requested.set()
+
+    async def _drain(self) -> None:
+        """Let in-flight requests finish (bounded), then wait for the shard writes they trigger."""
+        if self._row_tasks:
+            _, late = await asyncio.wait(set(self._row_tasks), timeout=self.drain_timeout_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        while self._chunk_tasks:
+            await asyncio.wait(set(self._chunk_tasks))
+

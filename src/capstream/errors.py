@@ -1,0 +1,51 @@
+"""One error hierarchy for capstream.
+
+Lower libraries' errors (openai, httpx, PIL, pydantic, datasets) are translated into these once, at
+the boundary where they are caught; the rest of the code only sees these.
+
+Two families:
+
+* ``RowError`` and its subclasses are *data*: they end up as ``"<Kind>: <message>"`` in the error
+  column of one row, and the run goes on.
+* ``CapstreamError`` subclasses that are not row errors stop something: ``ConfigError`` stops before
+  anything starts (exit 2), ``RunStopped`` stops a run early with a resumable state (exit 1).
+"""
+
+from __future__ import annotations
+
+
+class CapstreamError(Exception):
+    """Base class of every error capstream raises on purpose."""
+
+
+class ConfigError(CapstreamError):
+    """The configuration or the command line is wrong; nothing has been read or sent (exit 2)."""
+
+
+class RunStopped(CapstreamError):
+    """The run stopped early; what was done is saved and a rerun resumes it (exit 1)."""
+
+
+class RowError(CapstreamError):
+    """A failure that belongs to one row: recorded in its error column, the run goes on."""
+
+    kind = "Error"
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def as_text(self) -> str:
+        """The value written to the error column: ``"<Kind>: <message>"``."""
+        return f"{self.kind}: {self.message}"
+
+
+class ImageError(RowError):
+    """The row's image is missing, unreadable, too large or of a kind we cannot send."""
+
+    kind = "ImageError"

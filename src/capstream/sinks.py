@@ -1,0 +1,96 @@
+"""The run's Hub-ready folder, beyond its shards: the dataset card and the summary.
+
+The card's YAML header names the shards (``configs: data_files``) so that both the Hub's viewer and
+``datasets.load_dataset(output_dir)`` find them; its body says what was run and what came out.
+Nothing here reads a secret: the config it shows is ``Config.redacted()``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+import pyarrow.parquet as pq
+import yaml
+
+from . import __version__
+from .captioner import endpoint_label
+from .config import Config
+from .store import RunStore, atomic_write_bytes, atomic_write_json
+
+
+def _sample_rows(store: RunStore, config: Config, n: int = 5) -> list[tuple[str, str]]:
+    out = config.output
+    for shard in store.shard_paths()[:3]:
+        table = pq.read_table(shard, columns=[out.caption_column, out.error_column])
+        rows = [(c, e) for c, e in zip(table[out.caption_column].to_pylist(), table[out.error_column].to_pylist())]
+        rows = [r for r in rows if r[0]] or rows
+        if rows:
+            return [(c or "", e or "") for c, e in rows[:n]]
+    return []
+
+
+def _cell(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def write_card(store: RunStore, config: Config, summary: dict[str, Any]) -> None:
+    """Write ``README.md`` for the output folder: YAML header for the Hub, then what was run."""
+    split = store.split
+    header = {
+        "configs": [{"config_name": "default", "data_files": [{"split": split, "path": f"data/{split}-*.parquet"}]}],
+        "tags": ["capstream", "image-captioning", "synthetic-captions"],
+    }
+    m, out = config.model, config.output
+    errors = summary.get("errors") or {}
+    lines = [
+        "---",
+        yaml.safe_dump(header, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# Captions by {m.name}",
+        "",
+        f"Made with [capstream](https://github.com/capstream/capstream) {__version__}: every image of "
+        f"`{config.dataset.path or 'a dataset given in code'}` (split `{config.dataset.split}`) was sent to "
+        f"`{m.name}` ({endpoint_label(config)}) with the prompt below. Column `{out.caption_column}` holds "
+        f"the answer; `{out.error_column}` says why a row has none.",
+        "",
+        "## Prompt",
+        "",
+        *(["System:", "", "```text", config.prompt.system, "```", ""] if config.prompt.system else []),
+        "```text",
+        config.prompt.text,
+        "```",
+        "",
+        "## Counts",
+        "",
+        "| rows | captioned | errors | input tokens | output tokens |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {summary.get('rows', 0)} | {summary.get('ok', 0)} | {sum(errors.values())} | "
+        f"{summary.get('input_tokens', 0)} | {summary.get('output_tokens', 0)} |",
+        "",
+        *([f"Errors by kind: " + ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())), ""] if errors else []),
+        f"Complete: {'yes' if summary.get('complete') else 'no (the run can be resumed)'}. "
+        f"Updated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        "",
+    ]
+    samples = _sample_rows(store, config)
+    if samples:
+        lines += ["## Sample captions", "", f"| {out.caption_column} | {out.error_column} |", "| --- | --- |"]
+        lines += [f"| {_cell(c)} | {_cell(e)} |" for c, e in samples]
+        lines.append("")
+    lines += [
+        "## Settings",
+        "",
+        "```yaml",
+        yaml.safe_dump(config.redacted(), sort_keys=False).strip(),
+        "```",
+        "",
+    ]
+    atomic_write_bytes(store.dir / "README.md", "\n".join(lines).encode("utf-8"))
+
+
+def write_summary(store: RunStore, summary: dict[str, Any]) -> None:
+    atomic_write_json(store.dir / "summary.json", summary)

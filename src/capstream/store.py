@@ -1,0 +1,240 @@
+"""The run directory: parquet shards, the append-only results log, the manifest, resume.
+
+Layout of ``output.dir``::
+
+    data/<split>-000000.parquet   one shard per finished chunk (source columns + caption + error)
+    README.md                     the dataset card (sinks.py)
+    summary.json                  the last run's report
+    .capstream/results.jsonl      every answer, appended the moment it arrives
+    .capstream/manifest.json      fingerprint, chunk size, finished chunks: written last, atomically
+    .capstream/config.json        the resolved config, without secrets
+
+Progress is recorded datatrove-style: a chunk counts as done only once its shard has been renamed
+into place *and* the manifest says so; a rerun skips done chunks and re-uses logged answers for the
+rest, so no answer is paid for twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConfigError, RunStopped
+
+STATE_DIR = ".capstream"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def output_features(source: datasets.Features | None, caption_column: str, error_column: str) -> datasets.Features | None:
+    """Source features with images decodable again on load, plus the two new string columns."""
+    if source is None:
+        return None
+    out = {}
+    for name, feature in source.items():
+        out[name] = datasets.Image() if isinstance(feature, datasets.Image) else feature
+    for name in (caption_column, error_column):
+        if name in out:
+            raise ConfigError(f"output.{'caption' if name == caption_column else 'error'}_column: the source already has a column {name!r}")
+        out[name] = datasets.Value("string")
+    return datasets.Features(out)
+
+
+def _embed_image_files(values: list, base_dir: str | None) -> list:
+    """Images stored as local paths get their file's bytes, so the output folder stands alone."""
+    out = []
+    for v in values:
+        if isinstance(v, dict) and v.get("bytes") is None and v.get("path"):
+            path = v["path"]
+            if base_dir and not os.path.isabs(path) and not os.path.exists(path):
+                path = os.path.join(base_dir, path)
+            try:
+                with open(path, "rb") as f:
+                    v = {"bytes": f.read(), "path": os.path.basename(path)}
+            except OSError:
+                pass  # keep the path: the row's error column already says the image was unusable
+        out.append(v)
+    return out
+
+
+class RunStore:
+    """One run's ``output.dir``. Not thread-safe: the engine calls it from its event loop only,
+    except ``write_shard``, which touches nothing shared and runs in a worker thread."""
+
+    def __init__(self, out_dir: str | os.PathLike, split: str):
+        self.dir = Path(out_dir)
+        self.split = split
+        self.state = self.dir / STATE_DIR
+        self.manifest_path = self.state / "manifest.json"
+        self.results_path = self.state / "results.jsonl"
+        self.manifest: dict[str, Any] = {}
+        self._log = None
+
+    # -- opening, fingerprint, resume --------------------------------------------------------------
+
+    def open(self, fingerprint: dict[str, Any], chunk_size: int, *, overwrite: bool = False) -> None:
+        """Start or resume. A state made with other settings refuses (ConfigError) unless ``overwrite``."""
+        if overwrite and self.dir.exists():
+            self._clear()
+        if self.manifest_path.exists():
+            self.manifest = json.loads(self.manifest_path.read_text())
+            changed = sorted(
+                k for k in set(fingerprint) | set(self.manifest.get("fingerprint", {}))
+                if fingerprint.get(k) != self.manifest.get("fingerprint", {}).get(k)
+            )
+            if self.manifest.get("chunk_size") != chunk_size:
+                changed.append("run.chunk_size")
+            if changed:
+                raise ConfigError(
+                    f"output.dir {str(self.dir)!r} holds a run made with other settings "
+                    f"(changed: {', '.join(changed)}); use another output.dir, or --overwrite to start again"
+                )
+        else:
+            self.manifest = {"fingerprint": fingerprint, "chunk_size": chunk_size, "split": self.split,
+                             "done": {}, "complete": False}
+            self.state.mkdir(parents=True, exist_ok=True)
+            self._save_manifest()
+        self._repair_log_tail()
+
+    def _clear(self) -> None:
+        for shard in self.shard_paths():
+            shard.unlink()
+        for name in ("manifest.json", "results.jsonl"):
+            (self.state / name).unlink(missing_ok=True)
+
+    def _repair_log_tail(self) -> None:
+        """A kill mid-write can leave half a line at the end: cut it so appends start on a clean line."""
+        if not self.results_path.exists():
+            return
+        with open(self.results_path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size == 0:
+                return
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+            if tail.endswith(b"\n"):
+                return
+            cut = tail.rfind(b"\n")
+            f.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0)
+
+    @property
+    def done_chunks(self) -> set[int]:
+        return {int(i) for i in self.manifest.get("done", {})}
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def logged_results(self, skip_chunks: Iterable[int]) -> dict[Any, dict]:
+        """Answers already received for rows of chunks not yet written (key -> logged record)."""
+        skip = set(skip_chunks)
+        found: dict[Any, dict] = {}
+        if not self.results_path.exists():
+            return found
+        with open(self.results_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record["i"] not in skip:
+                    found[_hashable(record["k"])] = record
+        return found
+
+    # -- during the run ----------------------------------------------------------------------------
+
+    def log_result(self, chunk_index: int, key: Any, result: Any) -> None:
+        """Append one answer; it is durable (in the OS) before the row counts as done."""
+        if self._log is None:
+            self._log = open(self.results_path, "a", encoding="utf-8")
+        record = {"i": chunk_index, "k": key, "c": result.caption, "e": result.error,
+                  "ti": result.input_tokens, "to": result.output_tokens}
+        try:
+            self._log.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._log.flush()
+        except OSError as err:
+            raise RunStopped(f"cannot write {self.results_path}: {err.strerror or err}") from None
+
+    def shard_path(self, chunk_index: int) -> Path:
+        return self.dir / "data" / f"{self.split}-{chunk_index:06d}.parquet"
+
+    def shard_paths(self) -> list[Path]:
+        return sorted((self.dir / "data").glob(f"{self.split}-*.parquet"))
+
+    def write_shard(self, chunk_index: int, columns: dict[str, list], features: datasets.Features | None,
+                    base_dir: str | None) -> None:
+        """Write one finished chunk as a parquet shard, atomically (runs in a worker thread)."""
+        columns = dict(columns)
+        if features is not None:
+            for name, feature in features.items():
+                if isinstance(feature, datasets.Image):
+                    columns[name] = _embed_image_files(columns[name], base_dir)
+            table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
+        else:
+            table = pa.Table.from_pydict(columns)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        try:
+            atomic_write_bytes(self.shard_path(chunk_index), sink.getvalue().to_pybytes())
+        except OSError as err:
+            raise RunStopped(f"cannot write shard {self.shard_path(chunk_index)}: {err.strerror or err}") from None
+
+    def mark_done(self, chunk_index: int, counts: dict[str, Any]) -> None:
+        """Record a written shard with its counts (rows, ok, errors by kind, tokens): written last."""
+        self.manifest["done"][str(chunk_index)] = counts
+        self._save_manifest()
+
+    def totals(self) -> dict[str, Any]:
+        """Counts over every written shard, from the manifest (no shard is read)."""
+        total: dict[str, Any] = {"rows": 0, "ok": 0, "errors": {}, "input_tokens": 0, "output_tokens": 0}
+        for counts in self.manifest.get("done", {}).values():
+            for name in ("rows", "ok", "input_tokens", "output_tokens"):
+                total[name] += counts.get(name, 0)
+            for kind, n in counts.get("errors", {}).items():
+                total["errors"][kind] = total["errors"].get(kind, 0) + n
+        return total
+
+    def finish(self, total_chunks: int) -> None:
+        self.manifest["complete"] = len(self.manifest["done"]) >= total_chunks
+        self.manifest["chunks"] = total_chunks
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        try:
+            atomic_write_json(self.manifest_path, self.manifest)
+        except OSError as err:
+            raise RunStopped(f"cannot write {self.manifest_path}: {err.strerror or err}") from None
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
