@@ -10,6 +10,7 @@ import threading
 import time
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -232,6 +233,21 @@ def test_jpeg_with_trailing_padding_still_passes_through():
     assert prepare_image(data).data == data
 
 
+def test_exif_orientation_1_passes_through():
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    data = encode(rgb(), exif=exif.tobytes())
+    assert prepare_image(data).data == data
+
+
+def test_multi_picture_jpeg_is_a_jpeg():
+    mpo = encode(rgb((50, 40)), "MPO", save_all=True, append_images=[rgb((50, 40), BLUE)])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    prepared = prepare_image(mpo)
+    assert (prepared.data, prepared.mime, prepared.reencoded) == (mpo, "image/jpeg", False)
+    assert close_to(assert_rgb_jpeg(prepare_image(mpo, max_side=25), (25, 20)).getpixel((5, 5)), RED)
+
+
 def test_one_by_one_rgb_passes_through_and_gray_is_prepared():
     data = encode(rgb((1, 1)), "PNG")
     assert prepare_image(data).data == data
@@ -265,8 +281,11 @@ def test_missing_file_message_names_the_path():
 def test_corrupt_bytes():
     with pytest.raises(ImageError, match="not an image"):
         prepare_image(b"this is not an image at all")
-    with pytest.raises(ImageError):  # a valid header followed by garbage
-        prepare_image(JPEG[:200] + b"\x12\x34" * 500 + b"\xff\xd9")
+    png = encode(rgb((64, 64)), "PNG")
+    idat = png.index(b"IDAT") + 4
+    damaged = png[:idat] + b"\x12\x34" * 20 + png[idat + 40 :]
+    with pytest.raises(ImageError, match="truncated or corrupt image"):
+        prepare_image(damaged, max_side=32)  # too big to pass through, so it is decoded
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -378,6 +397,10 @@ def test_no_global_side_effects():
     with pytest.raises(ImageError):
         prepare_image(png_with_header(20000, 20000))
     prepare_image(encode(Image.new("L", (10, 10))))
+    with ThreadPoolExecutor(8) as pool:  # the captioner prepares images in a thread pool
+        values = [png_with_header(12000, 9000), JPEG] * 40
+        list(pool.map(lambda v: pytest.raises(ImageError, prepare_image, v) if v != JPEG
+                      else prepare_image(v), values))
     assert warnings.filters == filters_before
     assert Image.MAX_IMAGE_PIXELS == limit_before
 

@@ -25,12 +25,13 @@ import http.client
 import io
 import os
 import re
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
 from math import ceil
@@ -55,6 +56,7 @@ _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _ORIENTATION_TAG = 0x0112
 _CHUNK = 64 * 1024
 _USER_AGENT = "capstream"
+_WARNINGS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -225,40 +227,61 @@ def prepare_image(
     if isinstance(value, Image.Image):
         with _pillow_errors():
             _check_size(value.size, max_pixels)
-            return _reencode(value, max_side, quality, owned=False)
+            with _quiet_bomb_warning(value.size):
+                return _reencode(value, max_side, quality, owned=False)
 
     data = load_image_bytes(value, base_dir=base_dir)
     with _pillow_errors():
-        img = Image.open(io.BytesIO(data))
+        with _quiet_bomb_warning():
+            img = Image.open(io.BytesIO(data))
         _check_size(img.size, max_pixels)
         if _can_pass_through(img, data, max_side):
             width, height = img.size
             return PreparedImage(data, _MIME[_format(img)], width, height, reencoded=False)
-        return _reencode(img, max_side, quality, owned=True)
+        with _quiet_bomb_warning(img.size):
+            return _reencode(img, max_side, quality, owned=True)
 
 
 @contextmanager
 def _pillow_errors() -> Iterator[None]:
     """Translate whatever Pillow raises while opening or decoding into ``ImageError``."""
-    with warnings.catch_warnings():
-        # Our own max_pixels check decides; Pillow's warning would only be noise.
+    try:
+        yield
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f": {found.group(1)} pixels" if found else ""
+        raise ImageError(f"image too large{pixels}") from e
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image or an unsupported format") from None
+    except MemoryError:
+        raise ImageError("image too large to decode") from None
+    # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error, EOFError... on
+    # damaged files; any of them means the same thing for the row.
+    except Exception as e:
+        raise ImageError("truncated or corrupt image") from e
+
+
+def _quiet_bomb_warning(size: tuple[int, int] | None = None) -> Any:
+    """Silence Pillow's DecompressionBombWarning here only: our own max_pixels check decides.
+
+    Image.open always runs Pillow's check; decoding only re-runs it (GIF, TIFF...) for an image
+    above Pillow's limit, so ``size`` lets the common case skip the lock.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or (size is not None and size[0] * size[1] <= limit):
+        return nullcontext()
+    return _ignoring_bomb_warning()
+
+
+@contextmanager
+def _ignoring_bomb_warning() -> Iterator[None]:
+    # catch_warnings swaps the process-wide filter list and restores it on exit, so two threads of
+    # the preparation pool interleaving here could leave a filter behind; the lock prevents that.
+    with _WARNINGS_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            yield
-        except ImageError:
-            raise
-        except Image.DecompressionBombError as e:
-            found = re.search(r"\((\d+) pixels\)", str(e))
-            pixels = f": {found.group(1)} pixels" if found else ""
-            raise ImageError(f"image too large{pixels}") from e
-        except Image.UnidentifiedImageError:
-            raise ImageError("not an image or an unsupported format") from None
-        except MemoryError:
-            raise ImageError("image too large to decode") from None
-        # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error, EOFError... on
-        # damaged files; any of them means the same thing for the row.
-        except Exception as e:
-            raise ImageError("truncated or corrupt image") from e
+        yield
 
 
 def _check_size(size: tuple[int, int], max_pixels: int) -> None:
