@@ -112,7 +112,9 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 240) -> subpro
 
 
 def load_out(out_dir: Path, split: str = "train") -> datasets.Dataset:
-    ds = datasets.load_dataset(str(out_dir), split=split)
+    # A fresh cache: datasets 5.2 caches a local folder by its name, not its path or content, so two
+    # output folders both called "out" would otherwise share one cached copy.
+    ds = datasets.load_dataset(str(out_dir), split=split, cache_dir=tempfile.mkdtemp(prefix="hf-load-"))
     return ds.cast_column("image", datasets.Image(decode=False))
 
 

@@ -9,7 +9,7 @@ import sys
 import datasets
 import pytest
 
-from conftest import (REPO, check_output, expected_caption, make_rows, run_cli, write_config,
+from conftest import (REPO, check_output, expected_caption, load_out, make_rows, run_cli, write_config,
                       write_parquet)
 
 
@@ -122,6 +122,6 @@ def test_demo_config_runs_offline(tmp_path):
     out = tmp_path / "demo-out"
     result = run_cli("run", "configs/demo.yaml", "--set", f"output.dir={out}")
     assert result.returncode == 0, result.stderr
-    ds = datasets.load_dataset(str(out), split="train")
+    ds = load_out(out)
     assert len(ds) > 0
     assert all("mock caption" in c for c in ds["caption"][:] if c)

@@ -82,14 +82,23 @@ def endpoint_label(config: Config) -> str:
 
 
 def _row_error(exc: BaseException) -> str:
-    """``"<Kind>: <message>"`` from a provider error, preferring the server's own message."""
+    """``"<Kind>: <message>"`` from a provider error, preferring the server's own message.
+
+    The kind is ours, not the SDK's class name (which differs between SDK and LangChain versions):
+    ``RequestError`` for an HTTP error status, ``ConnectionError`` for a transport failure,
+    ``ModelError`` for anything else the model call raised.
+    """
     body = getattr(exc, "body", None)
     message = body.get("message") if isinstance(body, dict) else None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         message = body["error"].get("message") or message
     status = status_of(exc)
-    text = message or str(exc) or repr(exc)
-    return f"{type(exc).__name__}: {f'HTTP {status}: ' if status else ''}{text}"
+    text = message or str(exc) or type(exc).__name__
+    if status is not None:
+        return f"RequestError: HTTP {status}: {text}"
+    if classify(exc) is Failure.TRANSIENT:
+        return f"ConnectionError: {text}"
+    return f"ModelError: {type(exc).__name__}: {text}"
 
 
 class CaptionSession:

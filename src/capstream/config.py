@@ -165,10 +165,13 @@ def _apply_override(data: dict, assignment: str, source: str) -> None:
     parts = dotted.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {assignment!r}: expected section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    if _is_text_field(parts) and raw.strip() not in ("null", "~"):
+        value = raw  # "prompt.text=Say: hi" stays text; YAML would make it a mapping
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -176,6 +179,18 @@ def _apply_override(data: dict, assignment: str, source: str) -> None:
             raise ConfigError(f"--set {assignment!r}: {part} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _is_text_field(parts: list[str]) -> bool:
+    """Whether the schema types ``section.key`` as plain text (``str`` or ``str | None``)."""
+    model: Any = Config
+    for part in parts[:-1]:
+        field = model.model_fields.get(part)
+        model = field.annotation if field else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return False
+    field = model.model_fields.get(parts[-1])
+    return field is not None and field.annotation in (str, str | None)
 
 
 def _describe(err: ValidationError, source: str) -> str:
