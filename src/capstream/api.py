@@ -47,32 +47,37 @@ def _with_source(config: Config, source: Any) -> tuple[Config, Any]:
 
 
 def run(config: Config | dict | str | None = None, source: Any = None, *, llm: Any = None, overwrite: bool = False,
-        show_progress: bool = True, handle_signals: bool = False) -> RunResult:
+        retry_errors: bool = False, show_progress: bool = True, handle_signals: bool = False) -> RunResult:
     """Caption ``source`` (or ``config.dataset``) into ``config.output.dir``; return the summary.
+
+    Rerun into the same folder to resume. ``retry_errors`` asks again for the rows whose error is
+    set and rewrites their shards; ``overwrite`` discards the folder's previous run.
 
     Raises ``ConfigError`` before anything is read or sent, ``RunStopped`` (``Interrupted`` for a
     stop request) when the run ends early with its state saved for a rerun.
     """
     config, data = _with_source(resolve_config(config), source)
     captioner = Captioner(config, llm=llm)  # checks the key before anything is read
-    src = open_source(config.dataset, data)
     out_dir = config.output.dir or tempfile.mkdtemp(prefix="capstream-")
     store = RunStore(out_dir, config.dataset.split)
     fingerprint = config.fingerprint()
     if data is not None:
         fingerprint["dataset.fingerprint"] = getattr(data, "_fingerprint", None)
+    store.check(fingerprint, config.run.chunk_size, overwrite=overwrite)  # before any download
+    src = open_source(config.dataset, data)
     store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
     atomic_write_json(store.state / "config.json", config.redacted())
 
-    runner = Runner(src, captioner, store)
-    bar = ProgressBar(src.num_rows, runner.stats, enabled=show_progress and not store.complete,
-                      initial=store.totals()["rows"])
+    runner = Runner(src, captioner, store, retry_errors=retry_errors)
+    nothing_to_do = store.complete and not runner.skip_chunks ^ store.done_chunks
+    bar = ProgressBar(src.num_rows, runner.stats, enabled=show_progress and not nothing_to_do,
+                      initial=store.rows_in(runner.skip_chunks))
     runner.progress = bar
     started = time.time()
     failure: RunStopped | None = None
-    report = None
     try:
-        report = _run_async(runner.run(), runner, handle_signals)
+        if not nothing_to_do:  # a finished run is not read again (a stream would be downloaded)
+            _run_async(runner.run(), runner, handle_signals)
     except RunStopped as err:
         failure = err
     finally:
@@ -144,7 +149,7 @@ async def _with_signals(coro, runner: Runner):
 
 
 def caption_dataset(source: Any, config: Config | dict | str | None = None, *, llm: Any = None,
-                    overwrite: bool = False, show_progress: bool = True) -> datasets.Dataset:
+                    overwrite: bool = False, retry_errors: bool = False, show_progress: bool = True) -> datasets.Dataset:
     """Caption every image of ``source`` and return the dataset with caption and error columns.
 
     ``source``: a ``Dataset``, ``IterableDataset``, Hub id or local path (or None to use
@@ -153,7 +158,7 @@ def caption_dataset(source: Any, config: Config | dict | str | None = None, *, l
     folder (``config.output.dir``, or a temporary one) is written as for the CLI, and a rerun into
     the same folder resumes.
     """
-    result = run(config, source, llm=llm, overwrite=overwrite, show_progress=show_progress)
+    result = run(config, source, llm=llm, overwrite=overwrite, retry_errors=retry_errors, show_progress=show_progress)
     return load_output(result.store)
 
 

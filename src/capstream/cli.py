@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a config key (repeatable), e.g. --set limits.max_concurrency=8")
     run.add_argument("--overwrite", action="store_true", help="discard the output folder's previous run and start again")
+    run.add_argument("--retry-errors", action="store_true",
+                     help="ask again only for the rows whose error is set, rewriting their shards")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     validate = sub.add_parser("validate", help="check a config file without reading data or sending requests")
@@ -49,7 +51,7 @@ def _run(args) -> int:
 
     config = load_config(args.config, overrides=args.overrides)
     try:
-        result = run(config, overwrite=args.overwrite, show_progress=not args.no_progress, handle_signals=True)
+        result = run(config, overwrite=args.overwrite, retry_errors=args.retry_errors, show_progress=not args.no_progress, handle_signals=True)
     except Interrupted as err:
         print(format_summary(err.summary), file=sys.stderr)
         print(f"capstream: interrupted; rerun `capstream run {args.config}` to resume", file=sys.stderr)

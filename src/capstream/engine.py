@@ -53,9 +53,12 @@ class _ChunkState:
 class Runner:
     """One pass over a source into a store. Use once: ``await Runner(...).run()``."""
 
-    def __init__(self, source: Source, captioner: Captioner, store: RunStore, *,
+    def __init__(self, source: Source, captioner: Captioner, store: RunStore, *, retry_errors: bool = False,
                  progress: Callable[[RowResult], None] | None = None, drain_timeout_s: float | None = None):
         self.source = source
+        # Chunks not to read at all: every written shard, except (with retry_errors) those with errors.
+        self.skip_chunks = store.done_chunks - (store.chunks_with_errors() if retry_errors else set())
+        self.retry_errors = retry_errors
         self.captioner = captioner
         self.store = store
         self.config = captioner.config
@@ -79,12 +82,12 @@ class Runner:
         cfg = self.config
         self.session = self.captioner.session(base_dir=self.source.base_dir)
         self.session.stats = self.stats
-        done = self.store.done_chunks
-        self.logged = self.store.logged_results(done)
+        # Answers already paid for; with retry_errors only the good ones, so error rows are asked again.
+        self.logged = self.store.logged_results(self.skip_chunks, ok_only=self.retry_errors)
         self.window = asyncio.Semaphore(cfg.run.window_chunks)
         self.row_slots = asyncio.Semaphore(2 * cfg.limits.max_concurrency)
         queue: asyncio.Queue = asyncio.Queue(maxsize=1)
-        chunks = self.source.chunks(cfg.run.chunk_size, skip=done)
+        chunks = self.source.chunks(cfg.run.chunk_size, skip=self.skip_chunks)
         reader = asyncio.create_task(self._read(chunks, queue))
         try:
             await self._feed(queue)

@@ -96,23 +96,28 @@ class RunStore:
 
     # -- opening, fingerprint, resume --------------------------------------------------------------
 
+    def check(self, fingerprint: dict[str, Any], chunk_size: int, *, overwrite: bool = False) -> None:
+        """ConfigError when the folder holds a run made with other settings (and not ``overwrite``)."""
+        if overwrite or not self.manifest_path.exists():
+            return
+        saved = json.loads(self.manifest_path.read_text())
+        changed = sorted(k for k in set(fingerprint) | set(saved.get("fingerprint", {}))
+                         if fingerprint.get(k) != saved.get("fingerprint", {}).get(k))
+        if saved.get("chunk_size") != chunk_size:
+            changed.append("run.chunk_size")
+        if changed:
+            raise ConfigError(
+                f"output.dir {str(self.dir)!r} holds a run made with other settings "
+                f"(changed: {', '.join(changed)}); use another output.dir, or --overwrite to start again"
+            )
+
     def open(self, fingerprint: dict[str, Any], chunk_size: int, *, overwrite: bool = False) -> None:
         """Start or resume. A state made with other settings refuses (ConfigError) unless ``overwrite``."""
+        self.check(fingerprint, chunk_size, overwrite=overwrite)
         if overwrite and self.dir.exists():
             self._clear()
         if self.manifest_path.exists():
             self.manifest = json.loads(self.manifest_path.read_text())
-            changed = sorted(
-                k for k in set(fingerprint) | set(self.manifest.get("fingerprint", {}))
-                if fingerprint.get(k) != self.manifest.get("fingerprint", {}).get(k)
-            )
-            if self.manifest.get("chunk_size") != chunk_size:
-                changed.append("run.chunk_size")
-            if changed:
-                raise ConfigError(
-                    f"output.dir {str(self.dir)!r} holds a run made with other settings "
-                    f"(changed: {', '.join(changed)}); use another output.dir, or --overwrite to start again"
-                )
         else:
             self.manifest = {"fingerprint": fingerprint, "chunk_size": chunk_size, "split": self.split,
                              "done": {}, "complete": False}
@@ -150,8 +155,18 @@ class RunStore:
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
-    def logged_results(self, skip_chunks: Iterable[int]) -> dict[Any, dict]:
-        """Answers already received for rows of chunks not yet written (key -> logged record)."""
+    def chunks_with_errors(self) -> set[int]:
+        return {int(i) for i, counts in self.manifest.get("done", {}).items() if counts.get("errors")}
+
+    def rows_in(self, chunks: Iterable[int]) -> int:
+        done = self.manifest.get("done", {})
+        return sum(done[str(i)]["rows"] for i in chunks if str(i) in done)
+
+    def logged_results(self, skip_chunks: Iterable[int], *, ok_only: bool = False) -> dict[Any, dict]:
+        """Answers already received for rows of chunks not skipped (key -> last logged record).
+
+        The log is append-only, so a row answered twice (``--retry-errors``) has its newest answer win.
+        """
         skip = set(skip_chunks)
         found: dict[Any, dict] = {}
         if not self.results_path.exists():
@@ -164,6 +179,8 @@ class RunStore:
                     continue
                 if record["i"] not in skip:
                     found[_hashable(record["k"])] = record
+        if ok_only:
+            found = {k: r for k, r in found.items() if r["e"] is None}
         return found
 
     # -- during the run ----------------------------------------------------------------------------
