@@ -28,7 +28,8 @@ from .config import Config, resolve_config
 from .errors import ImageError, RowError, RunStopped
 from .images import PreparedImage, openai_image_tokens, prepare_image
 from .limits import RateLimits
-from .models import answer_text, build_chat_model, build_messages, check_model_config
+from .models import (OPENAI_COMPATIBLE, answer_text, async_http_client, build_chat_model, build_messages,
+                     check_model_config)
 from .retry import Failure, classify, request_retrying, status_of
 
 
@@ -108,7 +109,12 @@ class CaptionSession:
         cfg = captioner.config
         self.base_dir = base_dir
         self.config = cfg
-        self.llm: BaseChatModel = captioner.llm if captioner.llm is not None else build_chat_model(cfg.model)
+        # Our own HTTP client per session (so per loop): the SDK's default one is cached process-wide
+        # and bound to the first loop that uses it.
+        self._http = None
+        if captioner.llm is None and cfg.model.provider in OPENAI_COMPATIBLE:
+            self._http = async_http_client(cfg.model.timeout_s)
+        self.llm: BaseChatModel = captioner.llm if captioner.llm is not None else build_chat_model(cfg.model, self._http)
         self.limits = RateLimits(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute)
         self.slots = asyncio.Semaphore(cfg.limits.max_concurrency)
         self.prep_pool = captioner.prep_pool
@@ -174,6 +180,12 @@ class CaptionSession:
                     return await self.llm.ainvoke(messages)
         raise AssertionError("unreachable: tenacity reraises the last error")
 
+    async def aclose(self) -> None:
+        """Close the HTTP client this session opened (call on its loop)."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
     def _count(self, result: RowResult) -> RowResult:
         self.stats.add(result)
         return result
@@ -203,8 +215,13 @@ class Captioner:
 
     async def acaption(self, images: Sequence[Any], session: CaptionSession | None = None) -> list[RowResult]:
         """Caption a batch concurrently on the running loop, results in input order."""
-        session = session or self.session()
-        return list(await asyncio.gather(*(session.caption(v) for v in images)))
+        if session is not None:
+            return list(await asyncio.gather(*(session.caption(v) for v in images)))
+        session = self.session()
+        try:
+            return list(await asyncio.gather(*(session.caption(v) for v in images)))
+        finally:
+            await session.aclose()
 
     def __call__(self, images: Sequence[Any]) -> dict[str, list]:
         results = self._run(self.acaption(list(images), self._loop_session()))
@@ -238,7 +255,10 @@ class Captioner:
         self.__init__(state["config"], llm=state["llm"])
 
     def close(self) -> None:
+        """Release the background loop (and its HTTP client) and the image threads."""
         if self._loop is not None:
+            if self._session is not None:
+                self._run(self._session.aclose())
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._loop = None
+            self._loop = self._session = None
         self.prep_pool.shutdown(wait=False)

@@ -94,6 +94,7 @@ class Runner:
         finally:
             reader.cancel()
             await self._drain()
+            await self.session.aclose()
             self.store.close()
         if self.failure is not None:
             raise self.failure

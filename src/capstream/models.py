@@ -56,8 +56,30 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError("model.api_version: required for provider azure (for example 2024-10-21)")
 
 
-def build_chat_model(cfg: ModelConfig) -> BaseChatModel:
-    """The chat model for ``cfg``; call inside the event loop that will use it."""
+def async_http_client(timeout_s: float) -> Any:
+    """An HTTP client for the OpenAI SDK, to be owned (and closed) by the caller's event loop.
+
+    The aiohttp transport when the SDK has it: httpx's connection pool scans every pooled
+    connection on each request and response, which at 64 requests in flight cost more CPU than
+    everything else together (measured: 45 vs 158 rows/s against a zero-latency server).
+    """
+    import openai
+
+    aiohttp_client = getattr(openai, "DefaultAioHttpClient", None)
+    if aiohttp_client is not None:
+        try:
+            return aiohttp_client(timeout=timeout_s)
+        except (ImportError, RuntimeError):  # openai's aiohttp extra is not installed
+            pass
+    return openai.DefaultAsyncHttpxClient(timeout=timeout_s)
+
+
+def build_chat_model(cfg: ModelConfig, http_async_client: Any = None) -> BaseChatModel:
+    """The chat model for ``cfg``; call inside the event loop that will use it.
+
+    For OpenAI-compatible providers, pass ``http_async_client`` (see ``async_http_client``) and
+    close it when the loop's work is done; without one, the SDK's process-wide client is used.
+    """
     key = api_key(cfg)
     if cfg.provider == "mock":
         return MockVisionModel()
@@ -67,10 +89,8 @@ def build_chat_model(cfg: ModelConfig) -> BaseChatModel:
     if cfg.max_tokens is not None:
         common["max_tokens"] = cfg.max_tokens
     if cfg.provider in OPENAI_COMPATIBLE:
-        import openai
-
-        # Our own async client per model (and so per loop); the default one is cached process-wide.
-        common["http_async_client"] = openai.DefaultAsyncHttpxClient(timeout=cfg.timeout_s)
+        if http_async_client is not None:
+            common["http_async_client"] = http_async_client
         common["api_key"] = key or "not-needed"
     if cfg.provider == "openai":
         from langchain_openai import ChatOpenAI

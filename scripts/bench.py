@@ -1,0 +1,271 @@
+#!/usr/bin/env python
+"""Throughput and memory benchmark: capstream against the seed's approach, side by side, one run.
+
+Every scenario starts its own fake OpenAI-compatible server (tests/fake_openai.py, a separate
+process on 127.0.0.1) and runs, each in its own subprocess, against the same data:
+
+* capstream: ``capstream run`` with the scenario's config;
+* seed: the background document's approach, a plain LCEL chain (message builder | ChatOpenAI |
+  StrOutputParser) and ``chain.abatch(chunk, config={"max_concurrency": n})`` per chunk.
+
+Rates are rows over the work time each side reports (from opening the dataset to the last row
+written, Python's import time excluded; it is the same for both); the wall time of the whole
+subprocess is shown too. Peak RSS is the subprocess's own (``wait4``).
+
+    python scripts/bench.py                 # every scenario (about 15 minutes on 2 cores)
+    python scripts/bench.py --only zero     # scenarios whose name contains "zero"
+    python scripts/bench.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_SERVER = REPO / "tests" / "fake_openai.py"
+HEAVY_TAIL = ["--latency-lognormal", "0.5", "0.5", "--stragglers", "0.02", "10"]
+HEAVY_TAIL_MEAN_S = 0.5 * 2.718281828 ** (0.5**2 / 2) * (0.98 + 0.02 * 10)  # lognormal mean x stragglers
+
+
+@dataclass
+class Scenario:
+    name: str
+    rows: int
+    concurrency: int
+    chunk: int
+    server_args: list[str]
+    limits: dict = field(default_factory=dict)
+    streaming: bool = False
+    ceiling: float | None = None  # rows/s a perfect client reaches
+    seed: bool = True  # also run the seed's approach
+    note: str = ""
+
+
+SCENARIOS = [
+    Scenario("heavy-tail-2000", 2000, 32, 256, HEAVY_TAIL, ceiling=32 / HEAVY_TAIL_MEAN_S,
+             note="lognormal latency (median 0.5 s, sigma 0.5), 2% stragglers at 10x"),
+    Scenario("heavy-tail-8000", 8000, 32, 256, HEAVY_TAIL, ceiling=32 / HEAVY_TAIL_MEAN_S, seed=False,
+             note="the same, 8000 rows, against the ceiling"),
+    Scenario("zero-latency-3000", 3000, 64, 256, ["--latency", "0"], note="the client's CPU is the limit"),
+    Scenario("rpm-600-configured", 900, 32, 100, ["--latency", "0.2", "--rpm-limit", "600"],
+             limits={"requests_per_minute": 600}, ceiling=10.0, note="server allows 600/min; 600 configured"),
+    Scenario("rpm-600-unconfigured", 900, 32, 100, ["--latency", "0.2", "--rpm-limit", "600"],
+             ceiling=10.0, note="server allows 600/min; no limit configured"),
+    Scenario("stream-memory-4000", 4000, 32, 256, ["--latency", "0"], streaming=True, note="peak RSS"),
+    Scenario("stream-memory-16000", 16000, 32, 256, ["--latency", "0"], streaming=True, note="peak RSS"),
+]
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def _base_jpeg() -> bytes:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (640, 480))
+    draw = ImageDraw.Draw(img)
+    for y in range(0, 480, 8):
+        draw.rectangle([0, y, 640, y + 8], fill=(y % 256, (y * 3) % 256, 255 - y % 256))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _unique_jpeg(base: bytes, i: int) -> bytes:
+    """The same picture with a comment segment naming the row: distinct bytes, no encode per row."""
+    comment = f"row {i}".encode()
+    return base[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + base[2:]
+
+
+def dataset_file(rows: int, folder: Path) -> Path:
+    """A parquet file of ``rows`` distinct 640x480 JPEGs (made once, kept in the bench folder)."""
+    import datasets
+
+    path = folder / f"images-{rows}.parquet"
+    if path.exists():
+        return path
+    base = _base_jpeg()
+    features = datasets.Features({"id": datasets.Value("int64"), "image": datasets.Image()})
+
+    def gen():
+        for i in range(rows):
+            yield {"id": i, "image": {"bytes": _unique_jpeg(base, i), "path": None}}
+
+    datasets.Dataset.from_generator(gen, features=features, cache_dir=str(folder / "hf")).to_parquet(str(path))
+    return path
+
+
+# --- the fake server -------------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, args: list[str]):
+        self.proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.url = self.proc.stdout.readline().strip()
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(self.url.rsplit("/v1", 1)[0] + "/stats", timeout=30) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+# --- the two sides ---------------------------------------------------------------------------------
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run a subprocess; return wall seconds, peak RSS in MB, and its stdout."""
+    started = time.monotonic()
+    with tempfile.TemporaryFile(mode="w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                                cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}")
+    return time.monotonic() - started, usage.ru_maxrss / 1024, text
+
+
+def run_capstream(sc: Scenario, url: str, data: Path, work: Path) -> dict:
+    import yaml
+
+    out = work / f"out-{sc.name}"
+    config = {
+        "dataset": {"path": "parquet", "data_files": str(data), "streaming": sc.streaming},
+        "model": {"provider": "openai", "name": "fake-vlm", "base_url": url, "api_key_env": None, "timeout_s": 60},
+        "limits": {"max_concurrency": sc.concurrency, **sc.limits},
+        "retry": {"max_attempts": 10, "max_wait_s": 30},
+        "run": {"chunk_size": sc.chunk},
+        "output": {"dir": str(out)},
+    }
+    path = work / f"{sc.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    wall, rss, _ = run_measured([sys.executable, "-m", "capstream.cli", "run", str(path), "--no-progress", "--overwrite"])
+    summary = json.loads((out / "summary.json").read_text())
+    return {"wall": wall, "rss": rss, "seconds": summary["seconds"], "ok": summary["ok"], "rows": summary["rows"]}
+
+
+def run_seed(sc: Scenario, url: str, data: Path) -> dict:
+    args = json.dumps({"url": url, "data": str(data), "chunk": sc.chunk, "concurrency": sc.concurrency,
+                       "streaming": sc.streaming})
+    wall, rss, text = run_measured([sys.executable, __file__, "--seed-side", args])
+    result = json.loads(text.strip().splitlines()[-1])
+    return {"wall": wall, "rss": rss, **result}
+
+
+async def _seed_approach(url: str, data: str, chunk: int, concurrency: int, streaming: bool) -> dict:
+    """The background document's approach, as written there: chunked abatch with max_concurrency."""
+    import datasets
+    from langchain_core.messages import HumanMessage
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.runnables import RunnableLambda
+    from langchain_openai import ChatOpenAI
+
+    def build_caption_message(image_url: str):
+        return [HumanMessage(content=[{"type": "text", "text": "Caption this image."},
+                                      {"type": "image_url", "image_url": {"url": image_url}}])]
+
+    llm = ChatOpenAI(model="fake-vlm", base_url=url, api_key="not-needed", timeout=60)
+    chain = RunnableLambda(build_caption_message) | llm | StrOutputParser()
+    started = time.monotonic()
+    ds = datasets.load_dataset("parquet", data_files=data, split="train", streaming=streaming)
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    ok = rows = 0
+    for batch in ds.iter(batch_size=chunk):
+        urls = ["data:image/jpeg;base64," + base64.b64encode(img["bytes"]).decode() for img in batch["image"]]
+        results = await chain.abatch(urls, config={"max_concurrency": concurrency}, return_exceptions=True)
+        rows += len(results)
+        ok += sum(1 for r in results if isinstance(r, str))
+    return {"seconds": time.monotonic() - started, "ok": ok, "rows": rows}
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+def measure(sc: Scenario, work: Path) -> list[dict]:
+    data = dataset_file(sc.rows, work)
+    rows = []
+    for side in (["capstream", "seed"] if sc.seed else ["capstream"]):
+        server = Server(sc.server_args)
+        try:
+            result = run_capstream(sc, server.url, data, work) if side == "capstream" else run_seed(sc, server.url, data)
+            stats = server.stats()
+        finally:
+            server.stop()
+        by_status = stats["by_status"]
+        requests = stats["requests"]
+        result.update(
+            scenario=sc.name, side=side, rate=result["rows"] / result["seconds"],
+            requests=requests, r429=by_status.get("429", 0),
+            dups=sum(n - 1 for n in stats["image_requests"].values() if n > 1),
+        )
+        print(f"  {side:9s} {result['rows']} rows in {result['seconds']:.1f}s = {result['rate']:.1f} rows/s, "
+              f"{result['r429']} x 429, peak {result['rss']:.0f} MB", file=sys.stderr, flush=True)
+        rows.append(result)
+    return rows
+
+
+def table(results: list[dict]) -> str:
+    by = {(r["scenario"], r["side"]): r for r in results}
+    lines = ["| scenario | side | rows ok | seconds (wall) | rows/s | vs seed | of ceiling | requests | 429s | asked twice | peak RSS |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for sc in SCENARIOS:
+        for side in ("capstream", "seed"):
+            r = by.get((sc.name, side))
+            if not r:
+                continue
+            seed = by.get((sc.name, "seed"))
+            vs = f"{r['rate'] / seed['rate']:.2f}x" if seed and side == "capstream" else ""
+            ceiling = f"{100 * r['rate'] / sc.ceiling:.0f}%" if sc.ceiling else ""
+            lines.append(f"| {sc.name} | {side} | {r['ok']}/{r['rows']} | {r['seconds']:.1f} ({r['wall']:.1f}) | "
+                         f"{r['rate']:.1f} | {vs} | {ceiling} | {r['requests']} | {r['r429']} "
+                         f"({100 * r['r429'] / max(1, r['requests']):.1f}%) | {r['dups']} | {r['rss']:.0f} MB |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=[], help="run the scenarios whose name contains one of these")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "capstream-bench"))
+    ap.add_argument("--seed-side", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.seed_side:
+        print(json.dumps(asyncio.run(_seed_approach(**json.loads(args.seed_side)))))
+        return
+    if args.list:
+        for sc in SCENARIOS:
+            print(f"{sc.name:24s} {sc.note}")
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    chosen = [sc for sc in SCENARIOS if not args.only or any(o in sc.name for o in args.only)]
+    results = []
+    for sc in chosen:
+        print(f"{sc.name}: {sc.note}", file=sys.stderr, flush=True)
+        results.extend(measure(sc, work))
+    print(f"\n{machine()}, {time.strftime('%Y-%m-%d')}\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
