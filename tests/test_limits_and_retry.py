@@ -11,7 +11,8 @@ import openai
 import pytest
 
 from capstream.limits import RateLimits, shaped_limiter
-from capstream.retry import Failure, classify, request_retrying, retry_after_s
+from capstream.errors import Failure
+from capstream.retry import classify, request_retrying, retry_after_s
 
 
 class _InstantSelector(selectors.DefaultSelector):

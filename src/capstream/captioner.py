@@ -25,12 +25,12 @@ from urllib.parse import urlsplit
 from langchain_core.language_models import BaseChatModel
 
 from .config import Config, resolve_config
-from .errors import ImageError, RowError, RunStopped
+from .errors import Failure, RequestFailed, RowError, RunStopped
 from .images import PreparedImage, openai_image_tokens, prepare_image
 from .limits import RateLimits
-from .models import (OPENAI_COMPATIBLE, answer_text, async_http_client, build_chat_model, build_messages,
-                     check_model_config)
-from .retry import Failure, classify, request_retrying, status_of
+from .model_call import Answer, ImageRequest, ModelCall
+from .models import OPENAI_COMPATIBLE, async_http_client, build_chat_model, check_model_config
+from .retry import request_retrying
 
 
 @dataclass
@@ -82,26 +82,6 @@ def endpoint_label(config: Config) -> str:
     return f"{config.model.provider} at {host}{f':{port}' if port else ''}"
 
 
-def _row_error(exc: BaseException) -> str:
-    """``"<Kind>: <message>"`` from a provider error, preferring the server's own message.
-
-    The kind is ours, not the SDK's class name (which differs between SDK and LangChain versions):
-    ``RequestError`` for an HTTP error status, ``ConnectionError`` for a transport failure,
-    ``ModelError`` for anything else the model call raised.
-    """
-    body = getattr(exc, "body", None)
-    message = body.get("message") if isinstance(body, dict) else None
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        message = body["error"].get("message") or message
-    status = status_of(exc)
-    text = message or str(exc) or type(exc).__name__
-    if status is not None:
-        return f"RequestError: HTTP {status}: {text}"
-    if classify(exc) is Failure.TRANSIENT:
-        return f"ConnectionError: {text}"
-    return f"ModelError: {type(exc).__name__}: {text}"
-
-
 class CaptionSession:
     """Everything bound to one event loop; create with ``Captioner.session()`` inside that loop."""
 
@@ -114,7 +94,8 @@ class CaptionSession:
         self._http = None
         if captioner.llm is None and cfg.model.provider in OPENAI_COMPATIBLE:
             self._http = async_http_client(cfg.model.timeout_s)
-        self.llm: BaseChatModel = captioner.llm if captioner.llm is not None else build_chat_model(cfg.model, self._http)
+        llm = captioner.llm if captioner.llm is not None else build_chat_model(cfg.model, self._http)
+        self.call = ModelCall(llm)
         self.limits = RateLimits(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute)
         self.slots = asyncio.Semaphore(cfg.limits.max_concurrency)
         self.prep_pool = captioner.prep_pool
@@ -139,37 +120,23 @@ class CaptionSession:
             image = await self.prepare(value)
         except RowError as err:
             return self._count(RowResult(error=err.as_text()))
-        messages = build_messages(self.config.prompt.text, self.config.prompt.system, image, self.config.image.detail)
-        tokens = self.estimated_tokens(image)
+        prompt = self.config.prompt
+        request = ImageRequest(prompt.text, prompt.system, image.data_url(), self.config.image.detail)
         try:
-            answer = await self._send(messages, tokens)
-        except RunStopped:
-            raise
-        except Exception as exc:  # translated once, here, by type and status
-            kind = classify(exc)
-            if kind is Failure.FATAL:
-                raise RunStopped(
-                    f"{endpoint_label(self.config)} refused model {self.config.model.name!r}: {_row_error(exc)}"
-                ) from None
-            if kind is Failure.TRANSIENT:
-                raise RunStopped(
-                    f"{endpoint_label(self.config)} still failing after {self.config.retry.max_attempts} attempts: "
-                    f"{_row_error(exc)}"
-                ) from None
-            return self._count(RowResult(error=_row_error(exc)))
-        usage = getattr(answer, "usage_metadata", None) or {}
-        return self._count(
-            RowResult(
-                caption=answer_text(answer),
-                input_tokens=int(usage.get("input_tokens") or 0),
-                output_tokens=int(usage.get("output_tokens") or 0),
-            )
-        )
+            answer = await self._send(request, self.estimated_tokens(image))
+        except RequestFailed as failed:
+            if failed.failure is Failure.FATAL:
+                raise RunStopped(f"{endpoint_label(self.config)} refused model {self.config.model.name!r}: "
+                                 f"{failed.as_row_error()}") from None
+            if failed.failure is Failure.TRANSIENT:
+                raise RunStopped(f"{endpoint_label(self.config)} still failing after "
+                                 f"{self.config.retry.max_attempts} attempts: {failed.as_row_error()}") from None
+            return self._count(RowResult(error=failed.as_row_error()))
+        return self._count(RowResult(answer.text, None, answer.input_tokens, answer.output_tokens))
 
-    async def _send(self, messages: list, tokens: int) -> Any:
-        retrying = request_retrying(
-            max_attempts=self.config.retry.max_attempts, max_wait_s=self.config.retry.max_wait_s
-        )
+    async def _send(self, request: ImageRequest, tokens: int) -> Answer:
+        """Send with retries; each attempt waits for a slot and the rate limits, and teaches them."""
+        retrying = request_retrying(max_attempts=self.config.retry.max_attempts, max_wait_s=self.config.retry.max_wait_s)
         async for attempt in retrying:
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
@@ -177,7 +144,13 @@ class CaptionSession:
                 async with self.slots:
                     await self.limits.acquire(tokens)
                     self.stats.requests += 1
-                    return await self.llm.ainvoke(messages)
+                    try:
+                        answer = await self.call(request)
+                    except RequestFailed as failed:
+                        self.limits.observe(failed.headers, rate_limited=failed.status == 429)
+                        raise
+                    self.limits.observe(answer.headers, rate_limited=False)
+                    return answer
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def aclose(self) -> None:

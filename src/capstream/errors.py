@@ -13,6 +13,8 @@ Two families:
 
 from __future__ import annotations
 
+from enum import Enum
+
 
 class CapstreamError(Exception):
     """Base class of every error capstream raises on purpose."""
@@ -49,3 +51,39 @@ class ImageError(RowError):
     """The row's image is missing, unreadable, too large or of a kind we cannot send."""
 
     kind = "ImageError"
+
+
+class Failure(Enum):
+    """What a failed request means for the run."""
+
+    TRANSIENT = "transient"  # 408/409/429/5xx, timeouts, dropped connections: retry
+    FATAL = "fatal"  # bad key, no permission, unknown model or endpoint: stop the run
+    ROW = "row"  # this row only (400 bad image, content policy, 413, 422): an error row
+
+
+class RequestFailed(CapstreamError):
+    """A failed attempt, translated once at the model-call boundary (``model_call.translate``).
+
+    Small and picklable, so it crosses process boundaries: what the failure means, the HTTP status,
+    how long the server asked us to wait, and its rate-limit headers.
+    """
+
+    def __init__(self, failure: Failure, message: str, status: int | None = None,
+                 retry_after_s: float | None = None, headers: dict[str, str] | None = None):
+        super().__init__(failure, message, status, retry_after_s, headers)
+        self.failure = failure
+        self.message = message
+        self.status = status
+        self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+
+    def __str__(self) -> str:
+        return self.message
+
+    def as_row_error(self) -> str:
+        """``"<Kind>: <message>"`` for the error column; our kinds, not the SDK's class names."""
+        if self.status is not None:
+            return f"RequestError: HTTP {self.status}: {self.message}"
+        if self.failure is Failure.TRANSIENT:
+            return f"ConnectionError: {self.message}"
+        return f"ModelError: {self.message}"

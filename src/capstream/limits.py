@@ -1,40 +1,168 @@
-"""Request and token rate limits, held with aiolimiter leaky buckets.
+"""Request and token rate limits: aiolimiter leaky buckets, shaped, and adapting to the endpoint.
 
-An ``aiolimiter.AsyncLimiter(rate, 60)`` starts full, so it lets a whole minute's worth through at
-once and the first minute sees about twice the limit. ``RateLimits`` shapes each bucket instead:
-its capacity is one second's worth and it drains at the limit minus that capacity per minute, so
-no 60 s window ever admits more than the limit (capacity + drained <= limit), while the long-run
-rate stays within a second's worth of it (98% for 600/min).
+Shaping: an ``aiolimiter.AsyncLimiter(rate, 60)`` starts full, so it lets a whole minute's worth
+through at once and the first minute sees about twice the limit. Here each bucket holds one
+second's worth and drains at the limit minus that, so no 60 s window ever admits more than the
+limit (capacity + drained <= limit), while the long-run rate stays within a second's worth of it.
+
+Adapting: the limit in force is the configured one, lowered to what the endpoint says it allows
+(``x-ratelimit-limit-requests`` / ``-tokens`` headers). With no limit configured or announced, a
+429 sets one at 85% of the rate actually sent over the last minute; while requests succeed it grows
+back by 10% every 5 s (never above a configured or announced limit): additive-increase,
+multiplicative-decrease, so the run settles just under the endpoint's real limit instead of
+hammering it.
 
     >>> limits = RateLimits(requests_per_minute=600, tokens_per_minute=200_000)
-    >>> await limits.acquire(tokens=1_100)   # before every attempt of a request
+    >>> await limits.acquire(tokens=1_100)        # before every attempt
+    >>> limits.observe(headers, rate_limited=False) # after it, with the response's headers
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 from aiolimiter import AsyncLimiter
 
+SLOW_DOWN = 0.85  # on a 429, the new limit as a share of what was sent in the last minute
+SPEED_UP = 1.10  # growth per step while requests succeed
+STEP_S = 5.0  # at most one change per this many seconds (a burst of 429s is one signal)
+WINDOW_S = 60.0
 
-def shaped_limiter(per_minute: float) -> AsyncLimiter:
-    """An AsyncLimiter that never admits more than ``per_minute`` in any 60 s window."""
+
+def _shape(per_minute: float) -> tuple[float, float]:
+    """(capacity, period) of a bucket that never admits more than ``per_minute`` in any 60 s."""
     capacity = max(1.0, per_minute / 60.0)
     drain_per_minute = per_minute - capacity
     if drain_per_minute <= 0:  # limits under 2/min: one at a time, one per 60 s
-        return AsyncLimiter(1, 60.0)
-    return AsyncLimiter(capacity, 60.0 * capacity / drain_per_minute)
+        return 1.0, 60.0
+    return capacity, 60.0 * capacity / drain_per_minute
+
+
+class ShapedLimiter(AsyncLimiter):
+    """An AsyncLimiter that never admits more than ``per_minute`` in any 60 s window, and whose
+    rate can be changed while tasks wait on it."""
+
+    def __init__(self, per_minute: float):
+        self.per_minute = per_minute
+        super().__init__(*_shape(per_minute))
+
+    def set_rate(self, per_minute: float) -> None:
+        """Change the rate in place; call from the loop that uses the limiter."""
+        self._leak()  # account what drained at the old rate first
+        self.per_minute = per_minute
+        self.max_rate, self.time_period = _shape(per_minute)
+        self._rate_per_sec = self.max_rate / self.time_period  # aiolimiter keeps this derived value
+        self._wake_next()
+
+
+def shaped_limiter(per_minute: float) -> ShapedLimiter:
+    return ShapedLimiter(per_minute)
+
+
+def _header_float(headers: dict[str, str], name: str) -> float | None:
+    try:
+        return float(headers[name])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class AdaptiveLimit:
+    """One limit (requests or tokens per minute): configured, announced by the endpoint, or learned."""
+
+    def __init__(self, configured: float | None, clock=time.monotonic):
+        self.configured = configured
+        self.announced: float | None = None
+        self.clock = clock
+        self.limiter = ShapedLimiter(configured) if configured else None
+        self._sent: deque[tuple[float, float]] = deque()  # (time, amount) over the last minute
+        self._sent_total = 0.0
+        self._last_change = -STEP_S
+
+    @property
+    def ceiling(self) -> float | None:
+        known = [x for x in (self.configured, self.announced) if x]
+        return min(known) if known else None
+
+    @property
+    def rate(self) -> float | None:
+        """The limit in force now, per minute (None: no limit)."""
+        return self.limiter.per_minute if self.limiter else None
+
+    async def acquire(self, amount: float) -> None:
+        if self.limiter is not None:
+            # A request larger than the bucket could never fit: let it take the whole bucket.
+            await self.limiter.acquire(min(amount, self.limiter.max_rate))
+        now = self.clock()
+        self._sent.append((now, amount))
+        self._sent_total += amount
+        while self._sent and self._sent[0][0] < now - WINDOW_S:
+            self._sent_total -= self._sent.popleft()[1]
+
+    def _set(self, per_minute: float) -> None:
+        per_minute = max(1.0, per_minute)
+        if self.ceiling:
+            per_minute = min(per_minute, self.ceiling)
+        if self.limiter is None:
+            self.limiter = ShapedLimiter(per_minute)
+        elif abs(per_minute - self.limiter.per_minute) > 1e-9:
+            self.limiter.set_rate(per_minute)
+        self._last_change = self.clock()
+
+    def announce(self, limit: float) -> None:
+        """The endpoint says its limit (a header): never go above it."""
+        if limit > 0 and limit != self.announced:
+            self.announced = limit
+            if self.rate is None or self.rate > self.ceiling:
+                self._set(self.ceiling)
+
+    def slow_down(self) -> None:
+        """A 429: set the limit under what was actually sent over the last minute."""
+        now = self.clock()
+        if now - self._last_change < STEP_S:
+            return
+        span = min(WINDOW_S, max(1.0, now - self._sent[0][0])) if self._sent else WINDOW_S
+        sent_per_minute = self._sent_total * WINDOW_S / span
+        if not sent_per_minute:
+            return
+        current = self.rate if self.rate is not None else sent_per_minute
+        self._set(SLOW_DOWN * min(current, sent_per_minute or current))
+
+    def speed_up(self) -> None:
+        """A success: grow back towards the ceiling, one step at a time."""
+        if self.rate is None or (self.ceiling and self.rate >= self.ceiling):
+            return
+        if self.clock() - self._last_change >= STEP_S:
+            self._set(self.rate * SPEED_UP)
 
 
 class RateLimits:
-    """Both buckets of an endpoint: requests per minute and tokens per minute (None = no limit)."""
+    """Both limits of an endpoint: requests and tokens per minute (None = none configured)."""
 
-    def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None):
-        self.requests = shaped_limiter(requests_per_minute) if requests_per_minute else None
-        self.tokens = shaped_limiter(tokens_per_minute) if tokens_per_minute else None
+    def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
+                 clock=time.monotonic):
+        self.requests = AdaptiveLimit(requests_per_minute, clock)
+        self.tokens = AdaptiveLimit(tokens_per_minute, clock)
 
     async def acquire(self, tokens: int = 0) -> None:
         """Wait until one request of ``tokens`` tokens fits under both limits."""
-        if self.requests is not None:
-            await self.requests.acquire(1)
-        if self.tokens is not None and tokens > 0:
-            # A request larger than the bucket could never fit: let it take the whole bucket.
-            await self.tokens.acquire(min(float(tokens), self.tokens.max_rate))
+        await self.requests.acquire(1)
+        if tokens > 0:
+            await self.tokens.acquire(float(tokens))
+
+    def observe(self, headers: dict[str, str], *, rate_limited: bool) -> None:
+        """Learn from one response: its ``x-ratelimit-*`` headers, and whether it was a 429."""
+        for limit, kind in ((self.requests, "requests"), (self.tokens, "tokens")):
+            announced = _header_float(headers, f"x-ratelimit-limit-{kind}")
+            if announced:
+                limit.announce(announced)
+        if rate_limited:
+            # The tokens limit is the one hit only when the endpoint says so; otherwise requests.
+            out_of_tokens = _header_float(headers, "x-ratelimit-remaining-tokens") == 0
+            (self.tokens if out_of_tokens else self.requests).slow_down()
+        else:
+            self.requests.speed_up()
+            self.tokens.speed_up()
+
+
+__all__ = ["RateLimits", "AdaptiveLimit", "ShapedLimiter", "shaped_limiter"]

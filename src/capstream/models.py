@@ -24,7 +24,6 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .images import PreparedImage
 
 OPENAI_COMPATIBLE = {"openai", "azure"}
 
@@ -92,6 +91,7 @@ def build_chat_model(cfg: ModelConfig, http_async_client: Any = None) -> BaseCha
         if http_async_client is not None:
             common["http_async_client"] = http_async_client
         common["api_key"] = key or "not-needed"
+        common["include_response_headers"] = True  # x-ratelimit-* for the adaptive limiter
     if cfg.provider == "openai":
         from langchain_openai import ChatOpenAI
 
@@ -119,14 +119,14 @@ def build_chat_model(cfg: ModelConfig, http_async_client: Any = None) -> BaseCha
         raise ConfigError(f"model.provider: cannot build {cfg.provider!r} model {cfg.name!r}: {err}") from None
 
 
-def build_messages(text: str, system: str | None, image: PreparedImage, detail: str) -> list[BaseMessage]:
+def build_messages(text: str, system: str | None, data_url: str, detail: str) -> list[BaseMessage]:
     """The chat messages for one image: optional system message, then text + image."""
     messages: list[BaseMessage] = [SystemMessage(content=system)] if system else []
     messages.append(
         HumanMessage(
             content=[
                 {"type": "text", "text": text},
-                {"type": "image_url", "image_url": {"url": image.data_url(), "detail": detail}},
+                {"type": "image_url", "image_url": {"url": data_url, "detail": detail}},
             ]
         )
     )

@@ -10,10 +10,9 @@ Failures are classified by exception *type* and HTTP status, never by message te
 The OpenAI SDK's own retries are turned off (``max_retries=0``) so this is the only retry loop and
 every attempt goes through the rate limiter.
 
-    >>> retrying = request_retrying(max_attempts=6, max_wait_s=60, before_attempt=limiter.acquire)
-    >>> async for attempt in retrying:
+    >>> async for attempt in request_retrying(max_attempts=6, max_wait_s=60):
     ...     with attempt:
-    ...         answer = await llm.ainvoke(messages)
+    ...         answer = await call(request)   # raises RequestFailed
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from enum import Enum
 from typing import Any
 
 import httpx
@@ -29,11 +27,7 @@ import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
-
-class Failure(Enum):
-    TRANSIENT = "transient"
-    FATAL = "fatal"
-    ROW = "row"
+from .errors import Failure, RequestFailed
 
 
 _FATAL_STATUSES = {401, 402, 403, 404, 405}
@@ -52,6 +46,8 @@ def status_of(exc: BaseException) -> int | None:
 
 def classify(exc: BaseException) -> Failure:
     """Decide what a failed request means for the run."""
+    if isinstance(exc, RequestFailed):
+        return exc.failure
     if isinstance(exc, (openai.APIConnectionError, httpx.TransportError, asyncio.TimeoutError, ConnectionError)):
         return Failure.TRANSIENT  # includes openai.APITimeoutError (a subclass of APIConnectionError)
     status = status_of(exc)
@@ -66,6 +62,8 @@ def classify(exc: BaseException) -> Failure:
 
 def retry_after_s(exc: BaseException) -> float | None:
     """Seconds the server asked us to wait (``retry-after-ms``, then ``Retry-After``), if any."""
+    if isinstance(exc, RequestFailed):
+        return exc.retry_after_s
     headers = getattr(getattr(exc, "response", None), "headers", None)
     if not headers:
         return None
