@@ -25,12 +25,13 @@ from urllib.parse import urlsplit
 from langchain_core.language_models import BaseChatModel
 
 from .config import Config, resolve_config
-from .errors import Failure, RequestFailed, RowError, RunStopped
+from .errors import ConfigError, Failure, RequestFailed, RowError, RunStopped
 from .images import PreparedImage, openai_image_tokens, prepare_image
 from .limits import RateLimits
 from .model_call import Answer, ImageRequest, ModelCall
 from .models import OPENAI_COMPATIBLE, async_http_client, build_chat_model, check_model_config
 from .retry import request_retrying
+from .workers import WorkerPool
 
 
 @dataclass
@@ -82,6 +83,10 @@ def endpoint_label(config: Config) -> str:
     return f"{config.model.provider} at {host}{f':{port}' if port else ''}"
 
 
+class NotSent(Exception):
+    """The session is stopping: this row's request was not sent (it stays to do)."""
+
+
 class CaptionSession:
     """Everything bound to one event loop; create with ``Captioner.session()`` inside that loop."""
 
@@ -95,11 +100,14 @@ class CaptionSession:
         if captioner.llm is None and cfg.model.provider in OPENAI_COMPATIBLE:
             self._http = async_http_client(cfg.model.timeout_s)
         llm = captioner.llm if captioner.llm is not None else build_chat_model(cfg.model, self._http)
-        self.call = ModelCall(llm)
+        self.call: ModelCall | WorkerPool = ModelCall(llm)
+        if cfg.run.workers > 1:  # more processes send requests; limits and retries stay here
+            self.call = WorkerPool(cfg.model, processes=cfg.run.workers - 1, local=self.call)
         self.limits = RateLimits(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute)
         self.slots = asyncio.Semaphore(cfg.limits.max_concurrency)
         self.prep_pool = captioner.prep_pool
         self.stats = Stats()
+        self.stopping = asyncio.Event()  # set: requests not yet sent are not sent
         self._text_tokens = (len(cfg.prompt.text) + len(cfg.prompt.system or "")) // 4 + 10
         self._output_budget = cfg.model.max_tokens or 300
 
@@ -143,6 +151,8 @@ class CaptionSession:
                     self.stats.retries += 1
                 async with self.slots:
                     await self.limits.acquire(tokens)
+                    if self.stopping.is_set():
+                        raise NotSent()
                     self.stats.requests += 1
                     try:
                         answer = await self.call(request)
@@ -154,7 +164,9 @@ class CaptionSession:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def aclose(self) -> None:
-        """Close the HTTP client this session opened (call on its loop)."""
+        """Close the worker processes and the HTTP client this session opened (call on its loop)."""
+        if isinstance(self.call, WorkerPool):
+            await self.call.aclose()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -177,6 +189,9 @@ class Captioner:
         self.llm = llm
         if llm is None:
             check_model_config(self.config.model)
+        elif self.config.run.workers > 1:
+            raise ConfigError("run.workers: worker processes build the model from config.model; "
+                              "with llm= given in code, use run.workers: 1")
         self.prep_pool = ThreadPoolExecutor(self.config.run.prep_threads, thread_name_prefix="capstream-prep")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: CaptionSession | None = None

@@ -74,8 +74,9 @@ class RetryConfig(_Section):
 
 class RunConfig(_Section):
     chunk_size: int = Field(default=1000, ge=1)
-    window_chunks: int = Field(default=4, ge=1)
+    window_chunks: int = Field(default=8, ge=1)
     prep_threads: int = Field(default=2, ge=1)
+    workers: int = Field(default=1, ge=1)
 
 
 class OutputConfig(_Section):

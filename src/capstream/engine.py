@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .captioner import Captioner, RowResult, Stats
+from .captioner import Captioner, NotSent, RowResult, Stats
 from .errors import RunStopped
 from .source import Chunk, Source
 from .store import RunStore, output_features
@@ -82,6 +82,7 @@ class Runner:
         cfg = self.config
         self.session = self.captioner.session(base_dir=self.source.base_dir)
         self.session.stats = self.stats
+        self.session.stopping = self.stop_requested
         # Answers already paid for; with retry_errors only the good ones, so error rows are asked again.
         self.logged = self.store.logged_results(self.skip_chunks, ok_only=self.retry_errors)
         self.window = asyncio.Semaphore(cfg.run.window_chunks)
@@ -155,8 +156,13 @@ class Runner:
         try:
             result = await self.session.caption(value)
             self.store.log_result(state.chunk.index, key, result)
+        except NotSent:
+            return  # the run is stopping: the row stays to do, nothing was paid
         except RunStopped as err:
             self._fail(err)
+            return
+        except Exception as err:  # a bug must stop the run cleanly, not leave the window waiting
+            self._fail(RunStopped(f"internal error: {type(err).__name__}: {err}"))
             return
         finally:
             self.row_slots.release()

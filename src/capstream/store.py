@@ -16,6 +16,7 @@ rest, so no answer is paid for twice.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -33,6 +34,8 @@ STATE_DIR = ".capstream"
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{path.parent} is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -123,7 +126,10 @@ class RunStore:
                              "done": {}, "complete": False}
             self.state.mkdir(parents=True, exist_ok=True)
             self._save_manifest()
-        self._repair_log_tail()
+        try:
+            self._repair_log_tail()
+        except OSError as err:
+            raise RunStopped(f"cannot use {self.results_path}: {err.strerror or err}") from None
 
     def _clear(self) -> None:
         for shard in self.shard_paths():
@@ -171,14 +177,17 @@ class RunStore:
         found: dict[Any, dict] = {}
         if not self.results_path.exists():
             return found
-        with open(self.results_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record["i"] not in skip:
-                    found[_hashable(record["k"])] = record
+        try:
+            with open(self.results_path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if record["i"] not in skip:
+                        found[_hashable(record["k"])] = record
+        except OSError as err:
+            raise RunStopped(f"cannot read {self.results_path}: {err.strerror or err}") from None
         if ok_only:
             found = {k: r for k, r in found.items() if r["e"] is None}
         return found
@@ -186,14 +195,19 @@ class RunStore:
     # -- during the run ----------------------------------------------------------------------------
 
     def log_result(self, chunk_index: int, key: Any, result: Any) -> None:
-        """Append one answer; it is durable (in the OS) before the row counts as done."""
-        if self._log is None:
-            self._log = open(self.results_path, "a", encoding="utf-8")
-        record = {"i": chunk_index, "k": key, "c": result.caption, "e": result.error,
-                  "ti": result.input_tokens, "to": result.output_tokens}
+        """Append one answer; it is durable (in the OS) before the row counts as done.
+
+        Unbuffered: each line goes to the OS in one write, so a kill loses nothing written and a
+        failed write (disk full) leaves no buffered bytes to fail again later. A line cut short is
+        removed when the log is next opened.
+        """
+        line = (json.dumps({"i": chunk_index, "k": key, "c": result.caption, "e": result.error,
+                            "ti": result.input_tokens, "to": result.output_tokens}, ensure_ascii=False) + "\n").encode()
         try:
-            self._log.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._log.flush()
+            if self._log is None:
+                self._log = open(self.results_path, "ab", buffering=0)
+            if self._log.write(line) != len(line):
+                raise OSError(errno.ENOSPC, "short write (disk full?)")
         except OSError as err:
             raise RunStopped(f"cannot write {self.results_path}: {err.strerror or err}") from None
 

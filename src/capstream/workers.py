@@ -1,0 +1,189 @@
+"""Worker processes that send requests, so that a fast endpoint can keep more than one core busy.
+
+Against a local vLLM server the client's CPU is the limit, and most of it goes to LangChain's
+message handling and the OpenAI SDK's request building and parsing, all under one GIL.
+``WorkerPool`` spreads that part over processes; everything else stays in the main process, which
+owns the run: the reader, the chunk window, the results log, the rate limits (so they stay global)
+and the retry policy. A worker only sends the one attempt it is handed and returns an ``Answer`` or
+a ``RequestFailed``, exactly like an in-process ``ModelCall``: the pool is a drop-in for it.
+
+Workers build their own chat model from the config (reading the API key from their inherited
+environment: no secret crosses the socket), ignore Ctrl-C (the main process decides when to stop),
+and exit when the main process goes away.
+
+    >>> pool = WorkerPool(config.model, processes=1, local=ModelCall(llm))
+    >>> answer = await pool(request)         # on the least loaded of the local call and the workers
+    >>> await pool.aclose()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import pickle
+import signal
+import struct
+import tempfile
+from typing import Any
+
+from .config import ModelConfig
+from .errors import Failure, RequestFailed
+from .model_call import Answer, ImageRequest, ModelCall
+
+_HEADER = struct.Struct(">I")
+
+
+def _frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    return pickle.loads(await reader.readexactly(size))
+
+
+# --- the worker side -------------------------------------------------------------------------------
+
+def _worker_main(socket_path: str, model: dict) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(_serve(socket_path, ModelConfig(**model)))
+
+
+async def _serve(socket_path: str, model: ModelConfig) -> None:
+    from .models import async_http_client, build_chat_model
+
+    reader, writer = await asyncio.open_unix_connection(socket_path)
+    http = async_http_client(model.timeout_s) if model.provider in ("openai", "azure") else None
+    call = ModelCall(build_chat_model(model, http))
+    tasks: set[asyncio.Task] = set()
+
+    async def one(request_id: int, request: ImageRequest) -> None:
+        try:
+            result: Any = await call(request)
+        except RequestFailed as failed:
+            result = failed
+        writer.write(_frame((request_id, result)))
+
+    writer.write(_frame(("ready", os.getpid())))
+    try:
+        while True:
+            request_id, request = await _read_frame(reader)
+            task = asyncio.create_task(one(request_id, request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass  # the main process closed the connection or went away
+    finally:
+        for task in tasks:
+            task.cancel()
+        if http is not None:
+            await http.aclose()
+
+
+# --- the main side ---------------------------------------------------------------------------------
+
+class _Worker:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.pending: dict[int, asyncio.Future] = {}
+        self.alive = True
+
+    @property
+    def load(self) -> int:
+        return len(self.pending)
+
+    async def receive(self) -> None:
+        try:
+            while True:
+                request_id, result = await _read_frame(self.reader)
+                future = self.pending.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(result)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.alive = False
+            lost = RequestFailed(Failure.TRANSIENT, "worker process ended")
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(lost)
+            self.pending.clear()
+
+
+class WorkerPool:
+    """``processes`` worker processes plus, optionally, an in-process call (``local``) that serves
+    while the workers start and takes a share of the load afterwards."""
+
+    def __init__(self, model: ModelConfig, processes: int, local: ModelCall | None = None):
+        self.model = model
+        self.processes = processes
+        self.local = local
+        self._local_load = 0
+        self._workers: list[_Worker] = []
+        self._procs: list[Any] = []
+        self._next_id = 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="capstream-workers-")
+        self._server: asyncio.AbstractServer | None = None
+        self._first_ready = asyncio.Event()
+        self._started = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        path = os.path.join(self._tmp.name, "sock")
+        self._server = await asyncio.start_unix_server(self._accept, path)
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loop
+        for _ in range(self.processes):
+            proc = context.Process(target=_worker_main, args=(path, self.model.model_dump()), daemon=True)
+            proc.start()
+            self._procs.append(proc)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_frame(reader)  # ("ready", pid): the worker has built its model
+        worker = _Worker(reader, writer)
+        self._workers.append(worker)
+        self._first_ready.set()
+        await worker.receive()
+
+    def _pick(self) -> _Worker | None:
+        """The least loaded live worker, or None for the local call. The main process also reads,
+        prepares images and writes results, so its own call counts double."""
+        live = [w for w in self._workers if w.alive]
+        best = min(live, key=lambda w: w.load, default=None)
+        if self.local is not None and (best is None or 2 * self._local_load <= best.load):
+            return None
+        if best is None:
+            raise RequestFailed(Failure.TRANSIENT, "no worker process is running")
+        return best
+
+    async def __call__(self, request: ImageRequest) -> Answer:
+        if self.local is None and not self._workers:
+            await self._first_ready.wait()  # only at start-up, with no in-process call to serve
+        worker = self._pick()
+        if worker is None:
+            self._local_load += 1
+            try:
+                return await self.local(request)
+            finally:
+                self._local_load -= 1
+        self._next_id += 1
+        request_id = self._next_id
+        future = asyncio.get_running_loop().create_future()
+        worker.pending[request_id] = future
+        worker.writer.write(_frame((request_id, request)))
+        result = await future
+        if isinstance(result, RequestFailed):
+            raise result
+        return result
+
+    async def aclose(self) -> None:
+        await asyncio.gather(self._started, return_exceptions=True)
+        for worker in self._workers:
+            worker.writer.close()
+        if self._server is not None:
+            self._server.close()
+        for proc in self._procs:
+            await asyncio.to_thread(proc.join, 5)
+            if proc.is_alive():
+                proc.kill()
+        self._tmp.cleanup()
