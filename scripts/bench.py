@@ -49,6 +49,7 @@ class Scenario:
     chunk: int
     server_args: list[str]
     limits: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)  # extra run.* keys for capstream
     streaming: bool = False
     ceiling: float | None = None  # rows/s a perfect client reaches
     seed: bool = True  # also run the seed's approach
@@ -61,6 +62,8 @@ SCENARIOS = [
     Scenario("heavy-tail-8000", 8000, 32, 256, HEAVY_TAIL, ceiling=32 / HEAVY_TAIL_MEAN_S, seed=False,
              note="the same, 8000 rows, against the ceiling"),
     Scenario("zero-latency-3000", 3000, 64, 256, ["--latency", "0"], note="the client's CPU is the limit"),
+    Scenario("zero-latency-3000-workers-2", 3000, 64, 256, ["--latency", "0"], run={"workers": 2}, seed=False,
+             note="the same with run.workers: 2"),
     Scenario("rpm-600-configured", 900, 32, 100, ["--latency", "0.2", "--rpm-limit", "600"],
              limits={"requests_per_minute": 600}, ceiling=10.0, note="server allows 600/min; 600 configured"),
     Scenario("rpm-600-unconfigured", 900, 32, 100, ["--latency", "0.2", "--rpm-limit", "600"],
@@ -151,7 +154,7 @@ def run_capstream(sc: Scenario, url: str, data: Path, work: Path) -> dict:
         "model": {"provider": "openai", "name": "fake-vlm", "base_url": url, "api_key_env": None, "timeout_s": 60},
         "limits": {"max_concurrency": sc.concurrency, **sc.limits},
         "retry": {"max_attempts": 10, "max_wait_s": 30},
-        "run": {"chunk_size": sc.chunk},
+        "run": {"chunk_size": sc.chunk, **sc.run},
         "output": {"dir": str(out)},
     }
     path = work / f"{sc.name}.yaml"

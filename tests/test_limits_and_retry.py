@@ -168,3 +168,57 @@ def test_policy_retries_only_transient_and_waits_as_asked():
     with pytest.raises(openai.APIStatusError):
         asyncio.run(main([_status_error(503)] * 6))
     assert len(waits) == 4  # 5 attempts, 4 waits
+
+
+def test_announced_limit_caps_the_configured_one():
+    async def main(loop):
+        limits = RateLimits(requests_per_minute=1200, clock=loop.time)
+        limits.observe({"x-ratelimit-limit-requests": "600"}, rate_limited=False)
+        times = []
+
+        async def worker():
+            while loop.time() < 180:
+                await limits.acquire()
+                times.append(loop.time())
+
+        await asyncio.gather(*(worker() for _ in range(16)))
+        return sorted(times)
+
+    times, _ = run_virtual(main)
+    assert _max_in_window(times) <= 600
+    assert sum(1 for t in times if t < 180) / 3 >= 0.95 * 600
+
+
+def test_429s_teach_a_limit_and_success_grows_it_back():
+    """No limit configured or announced: an endpoint refilling 300 requests/min (a token bucket, as
+    OpenAI's) answers 429 when empty; the limiter settles near its rate without hammering it."""
+
+    async def main(loop):
+        limits = RateLimits(clock=loop.time)
+        bucket, last = 300.0, 0.0
+        admitted, rejected = [], 0
+
+        async def worker():
+            nonlocal rejected, bucket, last
+            while loop.time() < 900:
+                await limits.acquire()
+                now = loop.time()
+                bucket, last = min(300.0, bucket + (now - last) * 5.0), now
+                if bucket < 1:
+                    rejected += 1
+                    limits.observe({}, rate_limited=True)
+                    await asyncio.sleep(1.0)  # Retry-After
+                else:
+                    bucket -= 1
+                    admitted.append(now)
+                    limits.observe({}, rate_limited=False)
+                await asyncio.sleep(0.1)  # the request's own latency
+
+        await asyncio.gather(*(worker() for _ in range(8)))
+        return admitted, rejected, limits.requests.rate
+
+    (admitted, rejected, rate), _ = run_virtual(main)
+    late = [t for t in admitted if 300 <= t < 900]
+    assert len(late) / 10 >= 0.8 * 300  # settles near the real limit
+    assert rejected <= 0.1 * (len(admitted) + rejected)
+    assert rate is not None and rate <= 1.2 * 300

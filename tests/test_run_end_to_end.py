@@ -125,3 +125,19 @@ def test_demo_config_runs_offline(tmp_path):
     ds = load_out(out)
     assert len(ds) > 0
     assert all("mock caption" in c for c in ds["caption"][:] if c)
+
+
+def test_worker_processes_give_the_same_output(server, source_300, tmp_path):
+    """run.workers: 2 sends part of the requests from a second process; limits and output unchanged."""
+    data_file, rows, broken = source_300
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", server.url, data_file, out, run={"workers": 2, "chunk_size": 64},
+                          limits={"max_concurrency": 8})
+    server.latency = 0.15  # long enough for the worker process to start (it imports LangChain)
+    result = run_cli("run", str(config))
+    assert result.returncode == 0, result.stderr
+    check_output(out, rows, broken)
+    assert server.requests == 300 - len(broken)
+    assert server.max_in_flight <= 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["worker_requests"] < summary["requests"]  # both processes sent requests

@@ -57,6 +57,7 @@ class Stats:
     errors: Counter = field(default_factory=Counter)
     requests: int = 0
     retries: int = 0
+    worker_requests: int = 0  # attempts sent from worker processes (run.workers > 1)
     input_tokens: int = 0
     output_tokens: int = 0
 
@@ -166,6 +167,7 @@ class CaptionSession:
     async def aclose(self) -> None:
         """Close the worker processes and the HTTP client this session opened (call on its loop)."""
         if isinstance(self.call, WorkerPool):
+            self.stats.worker_requests = self.call.sent_to_workers
             await self.call.aclose()
         if self._http is not None:
             await self._http.aclose()

@@ -6,11 +6,10 @@ second's worth and drains at the limit minus that, so no 60 s window ever admits
 limit (capacity + drained <= limit), while the long-run rate stays within a second's worth of it.
 
 Adapting: the limit in force is the configured one, lowered to what the endpoint says it allows
-(``x-ratelimit-limit-requests`` / ``-tokens`` headers). With no limit configured or announced, a
-429 sets one at 85% of the rate actually sent over the last minute; while requests succeed it grows
-back by 10% every 5 s (never above a configured or announced limit): additive-increase,
-multiplicative-decrease, so the run settles just under the endpoint's real limit instead of
-hammering it.
+(``x-ratelimit-limit-requests`` / ``-tokens`` headers). A 429 cuts it by 30% (with no limit yet,
+it starts from the rate sent over the last minute), at most once per 5 s since a burst of 429s is
+one signal; while requests succeed it grows back by 5% every 10 s, never above a configured or
+announced limit. The run settles just under the endpoint's real limit instead of hammering it.
 
     >>> limits = RateLimits(requests_per_minute=600, tokens_per_minute=200_000)
     >>> await limits.acquire(tokens=1_100)        # before every attempt
@@ -24,9 +23,10 @@ from collections import deque
 
 from aiolimiter import AsyncLimiter
 
-SLOW_DOWN = 0.85  # on a 429, the new limit as a share of what was sent in the last minute
-SPEED_UP = 1.10  # growth per step while requests succeed
-STEP_S = 5.0  # at most one change per this many seconds (a burst of 429s is one signal)
+SLOW_DOWN = 0.70  # on a 429, the new limit as a share of the old one
+SPEED_UP = 1.05  # growth per step while requests succeed
+STEP_S = 5.0  # at most one cut per this many seconds (a burst of 429s is one signal)
+GROW_EVERY_S = 10.0  # growth steps at most this often, and not this soon after a cut
 WINDOW_S = 60.0
 
 
@@ -60,6 +60,16 @@ def shaped_limiter(per_minute: float) -> ShapedLimiter:
     return ShapedLimiter(per_minute)
 
 
+def per_minute(events: deque, now: float) -> float:
+    """Total amount in ``events`` ((time, amount), trimmed to the last minute) as a per-minute rate."""
+    while events and events[0][0] < now - WINDOW_S:
+        events.popleft()
+    if not events:
+        return 0.0
+    span = min(WINDOW_S, max(1.0, now - events[0][0]))
+    return sum(amount for _, amount in events) * WINDOW_S / span
+
+
 def _header_float(headers: dict[str, str], name: str) -> float | None:
     try:
         return float(headers[name])
@@ -76,7 +86,6 @@ class AdaptiveLimit:
         self.clock = clock
         self.limiter = ShapedLimiter(configured) if configured else None
         self._sent: deque[tuple[float, float]] = deque()  # (time, amount) over the last minute
-        self._sent_total = 0.0
         self._last_change = -STEP_S
 
     @property
@@ -95,9 +104,8 @@ class AdaptiveLimit:
             await self.limiter.acquire(min(amount, self.limiter.max_rate))
         now = self.clock()
         self._sent.append((now, amount))
-        self._sent_total += amount
-        while self._sent and self._sent[0][0] < now - WINDOW_S:
-            self._sent_total -= self._sent.popleft()[1]
+        while self._sent[0][0] < now - WINDOW_S:
+            self._sent.popleft()
 
     def _set(self, per_minute: float) -> None:
         per_minute = max(1.0, per_minute)
@@ -117,22 +125,19 @@ class AdaptiveLimit:
                 self._set(self.ceiling)
 
     def slow_down(self) -> None:
-        """A 429: set the limit under what was actually sent over the last minute."""
+        """A 429: cut the limit (or, with none yet, the rate sent over the last minute) by 30%."""
         now = self.clock()
         if now - self._last_change < STEP_S:
             return
-        span = min(WINDOW_S, max(1.0, now - self._sent[0][0])) if self._sent else WINDOW_S
-        sent_per_minute = self._sent_total * WINDOW_S / span
-        if not sent_per_minute:
-            return
-        current = self.rate if self.rate is not None else sent_per_minute
-        self._set(SLOW_DOWN * min(current, sent_per_minute or current))
+        current = self.rate if self.rate is not None else per_minute(self._sent, now)
+        if current:
+            self._set(SLOW_DOWN * current)
 
     def speed_up(self) -> None:
         """A success: grow back towards the ceiling, one step at a time."""
         if self.rate is None or (self.ceiling and self.rate >= self.ceiling):
             return
-        if self.clock() - self._last_change >= STEP_S:
+        if self.clock() - self._last_change >= GROW_EVERY_S:
             self._set(self.rate * SPEED_UP)
 
 

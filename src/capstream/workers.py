@@ -124,6 +124,7 @@ class WorkerPool:
         self._workers: list[_Worker] = []
         self._procs: list[Any] = []
         self._next_id = 0
+        self.sent_to_workers = 0  # how many attempts the worker processes made (the rest: local)
         self._tmp = tempfile.TemporaryDirectory(prefix="capstream-workers-")
         self._server: asyncio.AbstractServer | None = None
         self._first_ready = asyncio.Event()
@@ -167,6 +168,7 @@ class WorkerPool:
             finally:
                 self._local_load -= 1
         self._next_id += 1
+        self.sent_to_workers += 1
         request_id = self._next_id
         future = asyncio.get_running_loop().create_future()
         worker.pending[request_id] = future
