@@ -111,3 +111,27 @@ def test_unreachable_endpoint_stops(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_KEY", "k")
     with pytest.raises(RunStopped, match="still failing after 2 attempts"):
         run(str(config), show_progress=False)
+
+
+def test_a_server_echoing_the_key_does_not_leak_it(server, tmp_path, monkeypatch):
+    rows, _ = make_rows(3)
+    server.status_for = lambda info: 400
+    server.reply = None
+    config = _config(server, tmp_path, rows)
+    monkeypatch.setenv("FAKE_KEY", "sk-echoed-key-999")
+
+    import capstream.model_call as mc
+
+    real = mc.translate
+
+    def echoing(exc):  # as some proxies do: the request's key in the error message
+        failed = real(exc)
+        failed.message += " (key sk-echoed-key-999)"
+        return failed
+
+    monkeypatch.setattr(mc, "translate", echoing)
+    run(str(config), show_progress=False)
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert b"sk-echoed-key-999" not in path.read_bytes(), path
+    assert "***" in load_out(tmp_path / "out")["error"][0]

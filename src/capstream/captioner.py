@@ -29,7 +29,7 @@ from .errors import ConfigError, Failure, RequestFailed, RowError, RunStopped
 from .images import PreparedImage, openai_image_tokens, prepare_image
 from .limits import RateLimits
 from .model_call import Answer, ImageRequest, ModelCall
-from .models import OPENAI_COMPATIBLE, async_http_client, build_chat_model, check_model_config
+from .models import OPENAI_COMPATIBLE, api_key, async_http_client, build_chat_model, check_model_config
 from .retry import request_retrying
 from .workers import WorkerPool
 
@@ -111,6 +111,7 @@ class CaptionSession:
         self.stopping = asyncio.Event()  # set: requests not yet sent are not sent
         self._text_tokens = (len(cfg.prompt.text) + len(cfg.prompt.system or "")) // 4 + 10
         self._output_budget = cfg.model.max_tokens or 300
+        self._secret = api_key(cfg.model) if captioner.llm is None else None
 
     async def prepare(self, value: Any) -> PreparedImage:
         img = self.config.image
@@ -134,13 +135,14 @@ class CaptionSession:
         try:
             answer = await self._send(request, self.estimated_tokens(image))
         except RequestFailed as failed:
+            # A server may echo part of the key in its message: never let it reach a file or a log.
+            error = self._scrub(failed.as_row_error())
             if failed.failure is Failure.FATAL:
-                raise RunStopped(f"{endpoint_label(self.config)} refused model {self.config.model.name!r}: "
-                                 f"{failed.as_row_error()}") from None
+                raise RunStopped(f"{endpoint_label(self.config)} refused model {self.config.model.name!r}: {error}") from None
             if failed.failure is Failure.TRANSIENT:
                 raise RunStopped(f"{endpoint_label(self.config)} still failing after "
-                                 f"{self.config.retry.max_attempts} attempts: {failed.as_row_error()}") from None
-            return self._count(RowResult(error=failed.as_row_error()))
+                                 f"{self.config.retry.max_attempts} attempts: {error}") from None
+            return self._count(RowResult(error=error))
         return self._count(RowResult(answer.text, None, answer.input_tokens, answer.output_tokens))
 
     async def _send(self, request: ImageRequest, tokens: int) -> Answer:
@@ -172,6 +174,9 @@ class CaptionSession:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
 
     def _count(self, result: RowResult) -> RowResult:
         self.stats.add(result)

@@ -123,8 +123,7 @@ class Runner:
     async def _feed(self, queue: asyncio.Queue) -> None:
         image_column = self.source.image_column
         key_column = self.config.dataset.key_column
-        while not self.stop_requested.is_set():
-            await self.window.acquire()
+        while await self._acquire_unless_stopped(self.window):
             chunk = await queue.get()
             if chunk is None or self.stop_requested.is_set():
                 self.window.release()
@@ -142,15 +141,32 @@ class Runner:
                     self._rows_from_log += 1
                     self._row_done(state, offset, RowResult(logged["c"], logged["e"], logged["ti"], logged["to"]))
                     continue
-                await self.row_slots.acquire()
-                if self.stop_requested.is_set():
-                    self.row_slots.release()
+                if not await self._acquire_unless_stopped(self.row_slots):
                     return
                 task = asyncio.create_task(self._row(state, offset, key, images[offset]))
                 self._row_tasks.add(task)
                 task.add_done_callback(self._row_tasks.discard)
             if len(chunk) == 0:
                 self.window.release()
+
+    async def _acquire_unless_stopped(self, semaphore: asyncio.Semaphore) -> bool:
+        """Acquire ``semaphore``, unless a stop comes first (rows left unsent never free their chunk's
+        window slot, so a feeder waiting for one must wake up on the stop instead)."""
+        if self.stop_requested.is_set():
+            return False
+        if not semaphore.locked():
+            return await semaphore.acquire()  # does not wait
+        acquire = asyncio.ensure_future(semaphore.acquire())
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not acquire.done():
+            acquire.cancel()
+            return False
+        if self.stop_requested.is_set():
+            semaphore.release()
+            return False
+        return True
 
     async def _row(self, state: _ChunkState, offset: int, key: Any, value: Any) -> None:
         try:
