@@ -97,7 +97,7 @@ def dataset_file(rows: int, folder: Path) -> Path:
     """A parquet file of ``rows`` distinct 640x480 JPEGs (made once, kept in the bench folder)."""
     import datasets
 
-    path = folder / f"images-{rows}.parquet"
+    path = folder / f"images-{rows}-rg100.parquet"
     if path.exists():
         return path
     base = _base_jpeg()
@@ -107,7 +107,10 @@ def dataset_file(rows: int, folder: Path) -> Path:
         for i in range(rows):
             yield {"id": i, "image": {"bytes": _unique_jpeg(base, i), "path": None}}
 
-    datasets.Dataset.from_generator(gen, features=features, cache_dir=str(folder / "hf")).to_parquet(str(path))
+    # Row groups of 100 rows, as the Hub writes image datasets: a streaming reader holds one group at
+    # a time, so groups of thousands of images would measure the file's layout, not the client.
+    datasets.Dataset.from_generator(gen, features=features, cache_dir=str(folder / "hf")).to_parquet(
+        str(path), batch_size=100)
     return path
 
 

@@ -1,4 +1,4 @@
-"""``capstream run | validate``: a thin layer over the library.
+"""``capstream run | validate | estimate``: a thin layer over the library.
 
 Exit codes: 0 every row processed (rows with errors included), 1 the run stopped early (state saved,
 rerun to resume), 2 bad config or arguments (nothing started), 130 stopped by Ctrl-C (resumable).
@@ -32,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a config file without reading data or sending requests")
     validate.add_argument("config")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    estimate = sub.add_parser("estimate", help="estimate a run's rows, tokens and cost; sends no request")
+    estimate.add_argument("config")
+    estimate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    estimate.add_argument("--sample", type=int, metavar="N",
+                          help="read only the first N rows and scale to the row count in the metadata")
+    estimate.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -41,6 +48,21 @@ def _validate(args) -> int:
     config = load_config(args.config, overrides=args.overrides)
     check_model_config(config.model)
     print(f"{args.config}: ok ({config.model.provider} {config.model.name}, dataset {config.dataset.path})")
+    return EXIT_OK
+
+
+def _estimate(args) -> int:
+    import json
+
+    from .estimate import estimate
+
+    config = load_config(args.config, overrides=args.overrides)
+    try:
+        result = estimate(config, sample=args.sample)
+    except RunStopped as err:
+        print(f"capstream: {err}", file=sys.stderr)
+        return EXIT_STOPPED
+    print(json.dumps(result.as_dict()) if args.json else result.format())
     return EXIT_OK
 
 
@@ -73,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="capstream: %(message)s")
     try:
-        return {"run": _run, "validate": _validate}[args.command](args)
+        return {"run": _run, "validate": _validate, "estimate": _estimate}[args.command](args)
     except ConfigError as err:
         print(f"capstream: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG

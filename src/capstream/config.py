@@ -48,6 +48,10 @@ class ModelConfig(_Section):
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=300, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
+    # USD per million tokens, for `capstream estimate` only (null: prices.py's table); not part of
+    # the resume fingerprint, since prices do not change the answers.
+    price_input_per_mtok: float | None = Field(default=None, ge=0)
+    price_output_per_mtok: float | None = Field(default=None, ge=0)
 
 
 class PromptConfig(_Section):

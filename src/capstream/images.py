@@ -306,7 +306,7 @@ def _can_pass_through(img: Image.Image, data: bytes, max_side: int) -> bool:
         and "transparency" not in img.info
         and (img.format == "MPO" or getattr(img, "n_frames", 1) == 1)
         and _header_orientation(img) == 1
-        and _looks_complete(data, _format(img))
+        and looks_complete(data, _format(img))
     )
 
 
@@ -325,7 +325,7 @@ def _header_orientation(img: Image.Image) -> int:
         return 0
 
 
-def _looks_complete(data: bytes, fmt: str | None) -> bool:
+def looks_complete(data: bytes, fmt: str | None) -> bool:
     """Cheap integrity check instead of a full decode: does the file end as it should?"""
     tail = data[-4096:].rstrip(_PADDING)
     if fmt == "JPEG":

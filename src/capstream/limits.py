@@ -6,9 +6,10 @@ second's worth and drains at the limit minus that, so no 60 s window ever admits
 limit (capacity + drained <= limit), while the long-run rate stays within a second's worth of it.
 
 Adapting: the limit in force is the configured one, lowered to what the endpoint says it allows
-(``x-ratelimit-limit-requests`` / ``-tokens`` headers). A 429 cuts it by 30% (with no limit yet,
-it starts from the rate sent over the last minute), at most once per 5 s since a burst of 429s is
-one signal; while requests succeed it grows back by 5% every 10 s, never above a configured or
+(``x-ratelimit-limit-requests`` / ``-tokens`` headers). A 429 that says we send too fast (its
+``x-ratelimit-remaining-*`` is 0, or, without such headers, 429s are at least 10% of the answers of
+the last 10 s) cuts it by 30% (with no limit yet, it starts from the rate sent over the last
+minute), at most once per 5 s since a burst of 429s is one signal; while requests succeed it grows back by 5% every 10 s, never above a configured or
 announced limit. The run settles just under the endpoint's real limit instead of hammering it.
 
     >>> limits = RateLimits(requests_per_minute=600, tokens_per_minute=200_000)
@@ -27,6 +28,8 @@ SLOW_DOWN = 0.70  # on a 429, the new limit as a share of the old one
 SPEED_UP = 1.05  # growth per step while requests succeed
 STEP_S = 5.0  # at most one cut per this many seconds (a burst of 429s is one signal)
 GROW_EVERY_S = 10.0  # growth steps at most this often, and not this soon after a cut
+SIGNAL_SHARE = 0.10  # 429s count as "over the limit" when at least this share of recent answers
+SIGNAL_WINDOW_S = 10.0
 WINDOW_S = 60.0
 
 
@@ -148,6 +151,8 @@ class RateLimits:
                  clock=time.monotonic):
         self.requests = AdaptiveLimit(requests_per_minute, clock)
         self.tokens = AdaptiveLimit(tokens_per_minute, clock)
+        self.clock = clock
+        self._answers: deque[tuple[float, bool]] = deque()  # (time, was a 429) over SIGNAL_WINDOW_S
 
     async def acquire(self, tokens: int = 0) -> None:
         """Wait until one request of ``tokens`` tokens fits under both limits."""
@@ -161,13 +166,27 @@ class RateLimits:
             announced = _header_float(headers, f"x-ratelimit-limit-{kind}")
             if announced:
                 limit.announce(announced)
-        if rate_limited:
+        now = self.clock()
+        self._answers.append((now, rate_limited))
+        while self._answers[0][0] < now - SIGNAL_WINDOW_S:
+            self._answers.popleft()
+        if rate_limited and self._over_the_limit(headers):
             # The tokens limit is the one hit only when the endpoint says so; otherwise requests.
             out_of_tokens = _header_float(headers, "x-ratelimit-remaining-tokens") == 0
             (self.tokens if out_of_tokens else self.requests).slow_down()
-        else:
+        elif not rate_limited:
             self.requests.speed_up()
             self.tokens.speed_up()
+
+    def _over_the_limit(self, headers: dict[str, str]) -> bool:
+        """Whether a 429 says we send too fast. An endpoint's headers say so directly (nothing
+        remaining); without them, only a run of 429s does: a few stray ones (an overloaded replica,
+        a proxy) must not shrink the rate, or 5% random 429s would drive it to nothing."""
+        remaining = [_header_float(headers, f"x-ratelimit-remaining-{k}") for k in ("requests", "tokens")]
+        if any(r is not None for r in remaining):
+            return any(r is not None and r < 1 for r in remaining)
+        refused = sum(1 for _, was_429 in self._answers if was_429)
+        return refused >= 3 and refused >= SIGNAL_SHARE * len(self._answers)
 
 
 __all__ = ["RateLimits", "AdaptiveLimit", "ShapedLimiter", "shaped_limiter"]

@@ -121,6 +121,12 @@ def _load(cfg: DatasetConfig):
         value = getattr(cfg, key)
         if value is not None:
             kwargs[key] = value
+    if cfg.streaming and cfg.path == "parquet":
+        # pyarrow pre-buffers every row group of a file it streams, so memory grew with the file
+        # (measured: 265 MB at 4,000 rows, 440 MB at 16,000 of one file); read a group at a time.
+        import pyarrow.dataset
+
+        kwargs["fragment_scan_options"] = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
     try:
         return datasets.load_dataset(cfg.path, **kwargs)
     except FileNotFoundError as err:
