@@ -115,3 +115,19 @@ def test_every_shipped_config_validates(monkeypatch):
     assert len(configs) >= 5
     for path in configs:
         check_model_config(load_config(path).model)
+
+
+def test_other_providers_go_through_init_chat_model_or_say_what_is_missing(monkeypatch):
+    """A provider name capstream does not build itself needs LangChain's init_chat_model and that
+    provider's package; without them the error says what to install (exit 2, nothing sent)."""
+    import importlib.util
+
+    from capstream.models import build_chat_model
+
+    cfg = config_from_dict({"model": {"provider": "anthropic", "name": "claude-x", "api_key_env": "X_KEY"}}).model
+    if importlib.util.find_spec("langchain") is None:
+        with pytest.raises(ConfigError, match="pip install langchain langchain-anthropic"):
+            build_chat_model(cfg)
+    else:
+        with pytest.raises(ConfigError, match="model.provider"):
+            build_chat_model(cfg.model_copy(update={"provider": "no-such-provider"}))
