@@ -69,3 +69,18 @@ def test_retry_errors_asks_only_for_the_failed_rows(server, tmp_path):
     server.reset_counters()  # and once more: only the broken images, which cost no request
     assert run_cli("run", str(config), "--retry-errors").returncode == 0
     assert server.requests == 0
+
+
+def test_a_half_written_last_line_is_cut_and_earlier_answers_kept(tmp_path):
+    from capstream.store import RunStore
+
+    store = RunStore(tmp_path / "out", "train")
+    store.open({"x": 1}, 10)
+    good = b'{"i": 0, "k": 0, "c": "short", "e": null, "ti": 1, "to": 1}\n'
+    # The cut-off line is longer than one 64 KiB block read back from the end.
+    store.results_path.write_bytes(good + b'{"i": 0, "k": 1, "c": "' + b"a" * 70000)
+    RunStore(tmp_path / "out", "train").open({"x": 1}, 10)
+    assert store.results_path.read_bytes() == good
+    store.results_path.write_bytes(b'{"i": 0, "k": 1, "c": "half, no newline at all')
+    RunStore(tmp_path / "out", "train").open({"x": 1}, 10)
+    assert store.results_path.read_bytes() == b""

@@ -52,7 +52,7 @@ def write_card(store: RunStore, config: Config, summary: dict[str, Any]) -> None
         "",
         f"# Captions by {m.name}",
         "",
-        f"Made with [capstream](https://github.com/capstream/capstream) {__version__}: every image of "
+        f"Made with capstream {__version__}: every image of "
         f"`{config.dataset.path or 'a dataset given in code'}` (split `{config.dataset.split}`) was sent to "
         f"`{m.name}` ({endpoint_label(config)}) with the prompt below. Column `{out.caption_column}` holds "
         f"the answer; `{out.error_column}` says why a row has none.",

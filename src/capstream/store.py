@@ -142,16 +142,20 @@ class RunStore:
         if not self.results_path.exists():
             return
         with open(self.results_path, "rb+") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            if size == 0:
-                return
-            f.seek(max(0, size - 65536))
-            tail = f.read()
-            if tail.endswith(b"\n"):
-                return
-            cut = tail.rfind(b"\n")
-            f.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0)
+            end = f.seek(0, os.SEEK_END)
+            pos = end
+            while pos > 0:  # back, block by block, to the last newline
+                start = max(0, pos - 65536)
+                f.seek(start)
+                block = f.read(pos - start)
+                if pos == end and block.endswith(b"\n"):
+                    return
+                cut = block.rfind(b"\n")
+                if cut >= 0:
+                    f.truncate(start + cut + 1)
+                    return
+                pos = start
+            f.truncate(0)  # no complete line at all
 
     @property
     def done_chunks(self) -> set[int]:
