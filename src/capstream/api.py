@@ -56,6 +56,7 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
     Raises ``ConfigError`` before anything is read or sent, ``RunStopped`` (``Interrupted`` for a
     stop request) when the run ends early with its state saved for a rerun.
     """
+    started = time.time()  # the run's time includes opening the dataset
     config, data = _with_source(resolve_config(config), source)
     captioner = Captioner(config, llm=llm)  # checks the key before anything is read
     out_dir = config.output.dir or tempfile.mkdtemp(prefix="capstream-")
@@ -73,7 +74,6 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
     bar = ProgressBar(src.num_rows, runner.stats, enabled=show_progress and not nothing_to_do,
                       initial=store.rows_in(runner.skip_chunks))
     runner.progress = bar
-    started = time.time()
     failure: RunStopped | None = None
     try:
         if not nothing_to_do:  # a finished run is not read again (a stream would be downloaded)
