@@ -88,6 +88,7 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         **totals,
         "complete": store.complete,
         "rows_this_run": runner.stats.rows,
+        "rows_from_log": runner.rows_from_log,
         "requests": runner.stats.requests,
         "retries": runner.stats.retries,
         "worker_requests": runner.stats.worker_requests,

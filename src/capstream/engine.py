@@ -20,8 +20,6 @@ This module knows nothing of YAML, the CLI or the Hub.
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from .captioner import Captioner, NotSent, RowResult, Stats
@@ -32,16 +30,6 @@ from .store import RunStore, output_features
 
 class Interrupted(RunStopped):
     """The user asked the run to stop (Ctrl-C); what was received is saved."""
-
-
-@dataclass
-class RunReport:
-    """What this invocation did (``Stats`` of the rows it processed) and how long it took."""
-
-    stats: Stats
-    seconds: float
-    chunks_written: int
-    rows_from_log: int
 
 
 class _ChunkState:
@@ -70,15 +58,13 @@ class Runner:
         self.stats = Stats()
         self._row_tasks: set[asyncio.Task] = set()
         self._chunk_tasks: set[asyncio.Task] = set()
-        self._chunks_written = 0
-        self._rows_from_log = 0
+        self.rows_from_log = 0  # rows whose answer an earlier run had already received
 
     def request_stop(self) -> None:
         """Stop taking new rows; in-flight requests finish; the run then raises ``Interrupted``."""
         self.stop_requested.set()
 
-    async def run(self) -> RunReport:
-        started = time.monotonic()
+    async def run(self) -> None:
         cfg = self.config
         self.session = self.captioner.session(base_dir=self.source.base_dir)
         self.session.stats = self.stats
@@ -102,7 +88,6 @@ class Runner:
         if self.stop_requested.is_set():
             raise Interrupted("stopped by request")
         self.store.finish(self.source.chunk_count)
-        return RunReport(self.stats, time.monotonic() - started, self._chunks_written, self._rows_from_log)
 
     async def _read(self, chunks, queue: asyncio.Queue) -> None:
         try:
@@ -138,7 +123,7 @@ class Runner:
             for offset, key in enumerate(keys):
                 logged = self.logged.pop(key, None)
                 if logged is not None:
-                    self._rows_from_log += 1
+                    self.rows_from_log += 1
                     self._row_done(state, offset, RowResult(logged["c"], logged["e"], logged["ti"], logged["to"]))
                     continue
                 if not await self._acquire_unless_stopped(self.row_slots):
@@ -205,7 +190,6 @@ class Runner:
             for r in results:
                 counts.add(r)
             self.store.mark_done(chunk.index, counts.as_counts())
-            self._chunks_written += 1
         except RunStopped as err:
             self._fail(err)
         finally:
