@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from capstream.limits import RateLimits, shaped_limiter
+from capstream.limits import RateLimits, ShapedLimiter
 from capstream.errors import Failure
 from capstream.retry import classify, request_retrying, retry_after_s
 
@@ -109,7 +109,7 @@ def test_request_bigger_than_the_bucket_still_goes():
 
 
 def test_shaped_limiter_small_limits():
-    limiter = shaped_limiter(1)
+    limiter = ShapedLimiter(1)
     assert limiter.max_rate == 1 and limiter.time_period == 60.0
 
 

@@ -59,10 +59,6 @@ class ShapedLimiter(AsyncLimiter):
         self._wake_next()
 
 
-def shaped_limiter(per_minute: float) -> ShapedLimiter:
-    return ShapedLimiter(per_minute)
-
-
 def per_minute(events: deque, now: float) -> float:
     """Total amount in ``events`` ((time, amount), trimmed to the last minute) as a per-minute rate."""
     while events and events[0][0] < now - WINDOW_S:
@@ -189,4 +185,4 @@ class RateLimits:
         return refused >= 3 and refused >= SIGNAL_SHARE * len(self._answers)
 
 
-__all__ = ["RateLimits", "AdaptiveLimit", "ShapedLimiter", "shaped_limiter"]
+__all__ = ["RateLimits", "AdaptiveLimit", "ShapedLimiter"]

@@ -19,9 +19,6 @@ import datasets
 from .config import DatasetConfig
 from .errors import ConfigError, RunStopped
 
-# Builders people name as dataset.path with data_files / data_dir.
-PACKAGED_BUILDERS = {"parquet", "imagefolder", "csv", "json", "arrow", "webdataset", "text"}
-
 
 @dataclass
 class Chunk:
