@@ -157,7 +157,7 @@ def run_capstream(sc: Scenario, url: str, data: Path, work: Path) -> dict:
         "model": {"provider": "openai", "name": "fake-vlm", "base_url": url, "api_key_env": None, "timeout_s": 60},
         "limits": {"max_concurrency": sc.concurrency, **sc.limits},
         "retry": {"max_attempts": 10, "max_wait_s": 30},
-        "run": {"chunk_size": sc.chunk, **sc.run},
+        "run": {"chunk_size": sc.chunk, "cache": False, **sc.run},  # every scenario buys every answer
         "output": {"dir": str(out)},
     }
     path = work / f"{sc.name}.yaml"

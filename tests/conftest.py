@@ -73,6 +73,14 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def response_cache(tmp_path, monkeypatch):
+    """Each test its own response cache (CLI subprocesses inherit it): tests count requests, and a
+    cache shared between tests would answer some of them."""
+    monkeypatch.setenv("CAPSTREAM_CACHE_DIR", str(tmp_path / "response-cache"))
+    return tmp_path / "response-cache"
+
+
 @pytest.fixture
 def server():
     with FakeOpenAI() as s:

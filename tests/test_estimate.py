@@ -9,7 +9,7 @@ import types
 
 import datasets
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from capstream.cli import main
 from capstream.config import Config, config_from_dict
@@ -31,7 +31,10 @@ def big_parquet(tmp_path_factory):
     rows = []
     for i in range(300):
         buf = io.BytesIO()
-        Image.new("RGB", (1600, 1200), (i % 256, 90, 200 - i % 100)).save(buf, "JPEG", quality=30)
+        img = Image.new("RGB", (1600, 1200), (i % 256, 90, 200 - i % 100))
+        # A mark of its own, so no two images are alike once shrunk (identical ones cost one request).
+        ImageDraw.Draw(img).rectangle([(i * 5) % 1500, (i * 3) % 1100, (i * 5) % 1500 + 80, (i * 3) % 1100 + 80], fill="white")
+        img.save(buf, "JPEG", quality=30)
         rows.append({"id": i, "image": {"bytes": buf.getvalue(), "path": None}, "alt": f"row {i}"})
     return write_parquet(tmp_path_factory.mktemp("big") / "images.parquet", rows)
 

@@ -92,6 +92,7 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         "requests": runner.stats.requests,
         "retries": runner.stats.retries,
         "worker_requests": runner.stats.worker_requests,
+        "reused": dict(runner.stats.reused),  # answers not bought this run: from the cache or an identical image
         "seconds": round(time.time() - started, 3),
         "rows_per_s": round(runner.stats.rows / max(1e-9, time.time() - started), 2),
         "model": config.model.name,

@@ -15,37 +15,71 @@ failure that would hit every row raises ``RunStopped``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from langchain_core.language_models import BaseChatModel
 
-from .config import Config, resolve_config
+from .answers import RecentAnswers, ResponseCache, content_key, default_cache_dir
+from .config import Config, redact_url, resolve_config
 from .errors import ConfigError, Failure, RequestFailed, RowError, RunStopped
 from .images import PreparedImage, openai_image_tokens, prepare_image
 from .limits import RateLimits
 from .model_call import Answer, ImageRequest, ModelCall
 from .models import OPENAI_COMPATIBLE, api_key, async_http_client, build_chat_model, check_model_config
-from .retry import request_retrying
+from .prompts import InvalidAnswer, Prompt, combined_error, compile_prompts
+from .retry import invalid_answer_retrying, request_retrying
 from .workers import WorkerPool
 
 
 @dataclass
-class RowResult:
-    """What one row gets: a caption or an error (``"<Kind>: <message>"``), and the tokens it cost."""
+class PromptAnswer:
+    """One prompt's outcome for one row: a value (text, or the schema's fields as a dict) or an
+    error (``"<Kind>: <message>"``), the tokens paid for it, and where it came from."""
 
-    caption: str | None = None
+    value: Any = None
     error: str | None = None
     input_tokens: int = 0
     output_tokens: int = 0
+    source: str = "request"  # request | log (an earlier run into this output.dir) | dedup | cache
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass
+class RowResult:
+    """What one row gets: each prompt's answer by prompt name, and the row's error text."""
+
+    answers: dict[str, PromptAnswer]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def caption(self) -> Any:
+        """The first prompt's value (the caption, for a run with one prompt)."""
+        return next(iter(self.answers.values())).value if self.answers else None
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(a.input_tokens for a in self.answers.values())
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(a.output_tokens for a in self.answers.values())
+
+
+def error_kind(error: str) -> str:
+    return error.split(":", 1)[0]
 
 
 @dataclass
@@ -54,21 +88,25 @@ class Stats:
 
     rows: int = 0
     ok: int = 0
-    errors: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)  # rows by error kind (a row counts once per kind)
     requests: int = 0
     retries: int = 0
     worker_requests: int = 0  # attempts sent from worker processes (run.workers > 1)
     input_tokens: int = 0
     output_tokens: int = 0
+    reused: Counter = field(default_factory=Counter)  # answers not bought: by source (log, dedup, cache)
 
-    def add(self, result: RowResult) -> None:
+    def add(self, result: RowResult, *, this_run_only: bool = False) -> None:
+        """Count a row; ``this_run_only``: leave out tokens paid by an earlier run (logged answers)."""
         self.rows += 1
-        self.input_tokens += result.input_tokens
-        self.output_tokens += result.output_tokens
+        paid = [a for a in result.answers.values() if not (this_run_only and a.source == "log")]
+        self.input_tokens += sum(a.input_tokens for a in paid)
+        self.output_tokens += sum(a.output_tokens for a in paid)
         if result.ok:
             self.ok += 1
         else:
-            self.errors[result.error.split(":", 1)[0]] += 1
+            for kind in {error_kind(a.error) for a in result.answers.values() if a.error}:
+                self.errors[kind] += 1
 
     def as_counts(self) -> dict:
         return {"rows": self.rows, "ok": self.ok, "errors": dict(self.errors),
@@ -95,6 +133,7 @@ class CaptionSession:
         cfg = captioner.config
         self.base_dir = base_dir
         self.config = cfg
+        self.prompts = captioner.prompts
         # Our own HTTP client per session (so per loop): the SDK's default one is cached process-wide
         # and bound to the first loop that uses it.
         self._http = None
@@ -109,31 +148,112 @@ class CaptionSession:
         self.prep_pool = captioner.prep_pool
         self.stats = Stats()
         self.stopping = asyncio.Event()  # set: requests not yet sent are not sent
-        self._text_tokens = (len(cfg.prompt.text) + len(cfg.prompt.system or "")) // 4 + 10
         self._output_budget = cfg.model.max_tokens or 300
         self._secret = api_key(cfg.model) if captioner.llm is None else None
+        # Answers bought earlier (the cache) or earlier in this run, and requests in flight, by
+        # content key: identical requests are paid once.
+        self.bought = ResponseCache(cfg.run.cache_dir or default_cache_dir()) if cfg.run.cache else RecentAnswers()
+        self._in_flight: dict[str, asyncio.Future] = {}
+        self._asked_of = self._model_identity() if captioner.llm is None else {"llm": repr(captioner.llm)}
 
-    async def prepare(self, value: Any) -> PreparedImage:
+    def _model_identity(self) -> dict[str, Any]:
+        m = self.config.model
+        return {"provider": m.provider, "model": m.name, "endpoint": redact_url(m.base_url) if m.base_url else None,
+                "api_version": m.api_version, "temperature": m.temperature, "max_tokens": m.max_tokens}
+
+    async def prepare(self, value: Any) -> tuple[PreparedImage, str]:
+        """The image as sent, and the SHA-256 of its bytes (prepared off the event loop)."""
         img = self.config.image
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.prep_pool, lambda: prepare_image(value, max_side=img.max_side, quality=img.quality, base_dir=self.base_dir)
-        )
 
-    def estimated_tokens(self, image: PreparedImage) -> int:
+        def prepare_and_hash() -> tuple[PreparedImage, str]:
+            image = prepare_image(value, max_side=img.max_side, quality=img.quality, base_dir=self.base_dir)
+            return image, hashlib.sha256(image.data).hexdigest()
+
+        return await asyncio.get_running_loop().run_in_executor(self.prep_pool, prepare_and_hash)
+
+    def estimated_tokens(self, image: PreparedImage, text: str, system: str | None, max_tokens: int | None = None) -> int:
         """Tokens one request counts against a tokens-per-minute limit (input + max output)."""
-        return openai_image_tokens(image.width, image.height, self.config.image.detail) + self._text_tokens + self._output_budget
+        return (openai_image_tokens(image.width, image.height, self.config.image.detail)
+                + (len(text) + len(system or "")) // 4 + 10 + (max_tokens or self._output_budget))
 
-    async def caption(self, value: Any) -> RowResult:
-        """Caption one image value; row failures come back as data, run-stopping ones raise."""
+    async def caption(self, value: Any, row: dict[str, Any] | None = None, *,
+                      known: dict[str, PromptAnswer] | None = None,
+                      record: Callable[[str, PromptAnswer], None] | None = None) -> RowResult:
+        """Ask every prompt about one image; row failures come back as data, run-stopping ones raise.
+
+        ``row``: the row's other columns, for ``{column}`` placeholders. ``known``: answers already
+        received (by prompt name), not asked again. ``record(prompt_name, answer)`` is called with
+        each new answer the moment it is there (the engine logs it).
+        """
+        answers = dict(known or {})
+        todo = [p for p in self.prompts if p.name not in answers]
+        if todo:
+            try:
+                image, digest = await self.prepare(value)
+            except RowError as err:
+                image = None
+                for prompt in todo:
+                    answers[prompt.name] = PromptAnswer(error=err.as_text())
+                    if record is not None:
+                        record(prompt.name, answers[prompt.name])
+            if image is not None:
+                outcomes = await asyncio.gather(*(self._answer(p, image, digest, row or {}, record) for p in todo),
+                                                return_exceptions=True)
+                stopped = [o for o in outcomes if isinstance(o, BaseException)]
+                if stopped:  # a run-stopping failure outranks a request left unsent
+                    raise next((o for o in stopped if not isinstance(o, NotSent)), stopped[0])
+                answers.update({p.name: o for p, o in zip(todo, outcomes)})
+        result = RowResult({p.name: answers[p.name] for p in self.prompts},
+                           combined_error(self.prompts, {name: a.error for name, a in answers.items()}))
+        self.stats.add(result, this_run_only=True)
+        return result
+
+    async def _answer(self, prompt: Prompt, image: PreparedImage, digest: str, row: dict[str, Any],
+                      record: Callable[[str, PromptAnswer], None] | None) -> PromptAnswer:
+        """One prompt's answer: from a request in flight, from the answers bought, or asked now."""
+        text, system = prompt.render(row)
+        key = content_key({**self._asked_of, **prompt.identity(), "text": text, "system": system,
+                           "detail": self.config.image.detail}, digest)
+        if key in self._in_flight:
+            answer = await asyncio.shield(self._in_flight[key])
+            answer = PromptAnswer(answer.value, answer.error, source="dedup")
+        elif (value := self.bought.get(key)) is not None:
+            answer = PromptAnswer(value, source="cache")
+        else:
+            shared = self._in_flight[key] = asyncio.get_running_loop().create_future()
+            try:
+                request = ImageRequest(text, system, image.data_url(), self.config.image.detail, prompt.request_options())
+                answer = await self._ask(prompt, request, self.estimated_tokens(image, text, system, dict(prompt.options).get("max_tokens")))
+                shared.set_result(answer)
+            except BaseException as err:
+                shared.set_exception(err) if not isinstance(err, asyncio.CancelledError) else shared.cancel()
+                if not shared.cancelled():
+                    shared.exception()  # retrieved: rows waiting on it raise it themselves
+                raise
+            finally:
+                del self._in_flight[key]
+            if answer.ok:
+                self.bought.put(key, answer.value, input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)
+        if answer.source != "request":
+            self.stats.reused[answer.source] += 1
+        if record is not None:
+            record(prompt.name, answer)
+        return answer
+
+    async def _ask(self, prompt: Prompt, request: ImageRequest, tokens: int) -> PromptAnswer:
+        """Send (with retries), and ask again while the answer does not match the prompt's schema."""
+        paid = [0, 0]
         try:
-            image = await self.prepare(value)
-        except RowError as err:
-            return self._count(RowResult(error=err.as_text()))
-        prompt = self.config.prompt
-        request = ImageRequest(prompt.text, prompt.system, image.data_url(), self.config.image.detail)
-        try:
-            answer = await self._send(request, self.estimated_tokens(image))
+            async for attempt in invalid_answer_retrying(max_attempts=self.config.retry.invalid_answer_attempts):
+                with attempt:
+                    answer = await self._send(request, tokens)
+                    paid[0] += answer.input_tokens
+                    paid[1] += answer.output_tokens
+                    value = prompt.parse(answer.text)
+        except InvalidAnswer as bad:
+            raw = bad.raw if len(bad.raw) <= 2000 else bad.raw[:2000] + "..."
+            return PromptAnswer(error=self._scrub(f"InvalidAnswer: {bad.reason}; raw answer: {raw}"),
+                                input_tokens=paid[0], output_tokens=paid[1])
         except RequestFailed as failed:
             # A server may echo part of the key in its message: never let it reach a file or a log.
             error = self._scrub(failed.as_row_error())
@@ -142,8 +262,8 @@ class CaptionSession:
             if failed.failure is Failure.TRANSIENT:
                 raise RunStopped(f"{endpoint_label(self.config)} still failing after "
                                  f"{self.config.retry.max_attempts} attempts: {error}") from None
-            return self._count(RowResult(error=error))
-        return self._count(RowResult(answer.text, None, answer.input_tokens, answer.output_tokens))
+            return PromptAnswer(error=error, input_tokens=paid[0], output_tokens=paid[1])
+        return PromptAnswer(value, None, paid[0], paid[1])
 
     async def _send(self, request: ImageRequest, tokens: int) -> Answer:
         """Send with retries; each attempt waits for a slot and the rate limits, and teaches them."""
@@ -174,17 +294,16 @@ class CaptionSession:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        self.bought.close()
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
 
-    def _count(self, result: RowResult) -> RowResult:
-        self.stats.add(result)
-        return result
-
 
 class Captioner:
-    """The batched map function: ``ds.map(Captioner(cfg), batched=True, input_columns=[image_col])``.
+    """The batched map function: ``ds.map(Captioner(cfg), batched=True)`` adds the prompts' columns
+    and the error column (with ``input_columns=[image_col]`` it gets the images only, which is
+    enough unless a prompt has ``{column}`` placeholders).
 
     ``llm`` takes any LangChain chat model instead of the one ``config.model`` describes (the SDK's
     own retries should be off on it; this class retries). Each call runs the batch on a private event
@@ -199,6 +318,7 @@ class Captioner:
         elif self.config.run.workers > 1:
             raise ConfigError("run.workers: worker processes build the model from config.model; "
                               "with llm= given in code, use run.workers: 1")
+        self.prompts = compile_prompts(self.config)
         self.prep_pool = ThreadPoolExecutor(self.config.run.prep_threads, thread_name_prefix="capstream-prep")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: CaptionSession | None = None
@@ -208,20 +328,41 @@ class Captioner:
         """A new session bound to the running event loop (``base_dir``: where relative image paths point)."""
         return CaptionSession(self, base_dir)
 
-    async def acaption(self, images: Sequence[Any], session: CaptionSession | None = None) -> list[RowResult]:
-        """Caption a batch concurrently on the running loop, results in input order."""
-        if session is not None:
-            return list(await asyncio.gather(*(session.caption(v) for v in images)))
-        session = self.session()
+    async def acaption(self, images: Sequence[Any], session: CaptionSession | None = None,
+                       rows: Sequence[dict[str, Any]] | None = None) -> list[RowResult]:
+        """Caption a batch concurrently on the running loop, results in input order (``rows``: each
+        image's row, for ``{column}`` placeholders)."""
+        rows = rows if rows is not None else [None] * len(images)
+        own = session is None
+        session = session or self.session()
         try:
-            return list(await asyncio.gather(*(session.caption(v) for v in images)))
+            return list(await asyncio.gather(*(session.caption(v, r) for v, r in zip(images, rows))))
         finally:
-            await session.aclose()
+            if own:
+                await session.aclose()
 
-    def __call__(self, images: Sequence[Any]) -> dict[str, list]:
-        results = self._run(self.acaption(list(images), self._loop_session()))
-        out = self.config.output
-        return {out.caption_column: [r.caption for r in results], out.error_column: [r.error for r in results]}
+    def __call__(self, batch: Sequence[Any] | dict[str, list]) -> dict[str, list]:
+        if isinstance(batch, dict):  # ds.map(captioner, batched=True): every column of the batch
+            images = batch[self.config.dataset.image_column]
+            rows = [{name: values[i] for name, values in batch.items()} for i in range(len(images))]
+        else:
+            images, rows = list(batch), None
+        results = self._run(self.acaption(list(images), self._loop_session(), rows))
+        return self.output_columns(results)
+
+    def output_columns(self, results: Sequence[RowResult]) -> dict[str, list]:
+        """The prompts' columns and the error column for these results."""
+        columns: dict[str, list] = {}
+        for prompt in self.prompts:
+            for name in prompt.columns():
+                columns[name] = []
+        columns[self.config.output.error_column] = []
+        for result in results:
+            for prompt in self.prompts:
+                for name, value in prompt.values(result.answers[prompt.name].value).items():
+                    columns[name].append(value)
+            columns[self.config.output.error_column].append(result.error)
+        return columns
 
     # The background loop lives as long as the Captioner, so the HTTP client and buckets are reused
     # across map batches (and the rate limits hold across them).

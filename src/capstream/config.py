@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from .errors import ConfigError
+from .prompts import compile_prompts
 
 
 class _Section(BaseModel):
@@ -55,8 +56,22 @@ class ModelConfig(_Section):
 
 
 class PromptConfig(_Section):
+    """One prompt. ``{column}`` in ``text``/``system`` is filled from the row; ``schema`` asks for a
+    JSON answer of that shape (a mapping of field to type, or a pydantic model class in Python)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     text: str = "Describe this image in one detailed paragraph."
     system: str | None = None
+    schema_: Any = Field(default=None, alias="schema")  # checked by prompts.AnswerSchema.from_spec
+    temperature: float | None = Field(default=None, ge=0, le=2)  # overrides model.temperature
+    max_tokens: int | None = Field(default=None, ge=1)  # overrides model.max_tokens
+
+    @field_serializer("schema_")
+    def _schema_as_data(self, schema: Any) -> Any:
+        if isinstance(schema, type):  # a pydantic model: saved and fingerprinted as its JSON schema
+            return {"pydantic_model": schema.__name__, "json_schema": schema.model_json_schema()}
+        return schema
 
 
 class ImageConfig(_Section):
@@ -74,6 +89,7 @@ class LimitsConfig(_Section):
 class RetryConfig(_Section):
     max_attempts: int = Field(default=6, ge=1)
     max_wait_s: float = Field(default=60.0, gt=0)
+    invalid_answer_attempts: int = Field(default=3, ge=1)  # answers not matching prompt.schema
 
 
 class RunConfig(_Section):
@@ -81,6 +97,8 @@ class RunConfig(_Section):
     window_chunks: int = Field(default=8, ge=1)
     prep_threads: int = Field(default=2, ge=1)
     workers: int = Field(default=1, ge=1)
+    cache: bool = True  # re-use answers bought by earlier runs (any output.dir) for the same request
+    cache_dir: str | None = None  # null: $CAPSTREAM_CACHE_DIR, else ~/.cache/capstream
 
 
 class OutputConfig(_Section):
@@ -100,6 +118,7 @@ class Config(_Section):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
+    prompts: dict[str, PromptConfig] | None = None  # output column -> prompt, instead of `prompt`
     image: ImageConfig = Field(default_factory=ImageConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
@@ -112,14 +131,33 @@ class Config(_Section):
         "dataset.path", "dataset.name", "dataset.data_dir", "dataset.data_files", "dataset.split",
         "dataset.revision", "dataset.image_column", "dataset.key_column", "dataset.limit",
         "model.provider", "model.name", "model.base_url", "model.api_version", "model.temperature",
-        "model.max_tokens", "prompt.text", "prompt.system", "image.max_side", "image.detail", "image.quality",
+        "model.max_tokens", "prompt", "prompts", "image.max_side", "image.detail", "image.quality",
         "output.caption_column", "output.error_column",
     )
 
+    @model_validator(mode="after")
+    def _one_kind_of_prompt(self) -> "Config":
+        if self.prompts is not None:
+            if "prompt" in self.model_fields_set:
+                raise ValueError("give either 'prompt' (one prompt) or 'prompts' (several), not both")
+            if not self.prompts:
+                raise ValueError("'prompts' needs at least one entry: output column -> {text: ...}")
+        return self
+
     def fingerprint(self) -> dict[str, Any]:
-        """The values of ``FINGERPRINT_KEYS`` (base_url without credentials)."""
+        """The values of ``FINGERPRINT_KEYS`` (base_url without credentials); a key without a dot
+        stands for each key of its section (so a refusal can name what changed)."""
         data = self.redacted()
-        return {key: data[key.split(".")[0]][key.split(".")[1]] for key in self.FINGERPRINT_KEYS}
+        found: dict[str, Any] = {}
+        for key in self.FINGERPRINT_KEYS:
+            section, _, name = key.partition(".")
+            if name:
+                found[key] = data[section][name]
+            elif isinstance(data[section], dict):
+                found.update({f"{section}.{k}": v for k, v in data[section].items()})
+            else:
+                found[key] = data[section]
+        return found
 
     def redacted(self) -> dict[str, Any]:
         """The config as a plain dict, safe to save or print.
@@ -127,7 +165,7 @@ class Config(_Section):
         No key is stored in the config itself (only the *name* of its variable), but a user may
         have written a secret into a URL; strip credentials from it.
         """
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", by_alias=True)
         if data["model"].get("base_url"):
             data["model"]["base_url"] = redact_url(data["model"]["base_url"])
         return data
@@ -217,9 +255,14 @@ def config_from_dict(data: dict | None, *, source: str = "<config>", overrides: 
     for assignment in overrides:
         _apply_override(data, assignment, source)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err, source)) from None
+    try:
+        compile_prompts(config)  # schemas and column names checked now, not at the first request
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return config
 
 
 def load_config(path: str | os.PathLike, *, overrides: list[str] = ()) -> Config:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-from .captioner import Captioner, NotSent, RowResult, Stats
+from .captioner import Captioner, NotSent, PromptAnswer, RowResult, Stats
 from .errors import RunStopped
+from .prompts import check_placeholders, combined_error
 from .source import Chunk, Source
 from .store import RunStore, output_features
 
@@ -52,7 +53,11 @@ class Runner:
         self.config = captioner.config
         self.progress = progress or (lambda result: None)
         self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else self.config.model.timeout_s + 5
-        self.features = output_features(source.features, self.config.output.caption_column, self.config.output.error_column)
+        added = {name: feature for prompt in captioner.prompts for name, feature in prompt.columns().items()}
+        self.features = output_features(source.features, added, self.config.output.error_column)
+        check_placeholders(captioner.prompts, list(source.features) if source.features is not None else None,
+                           source.image_column)
+        self.template_columns = sorted({name for prompt in captioner.prompts for name in prompt.placeholders})
         self.stop_requested = asyncio.Event()
         self.failure: RunStopped | None = None
         self.stats = Stats()
@@ -120,15 +125,24 @@ class Runner:
                 self._fail(RunStopped(f"dataset.image_column: no column {image_column!r} in the rows read"))
                 self.window.release()
                 return
+            missing = [name for name in self.template_columns if name not in chunk.columns]
+            if missing:
+                self._fail(RunStopped(f"prompt placeholder {{{missing[0]}}}: no column {missing[0]!r} in the rows read"))
+                self.window.release()
+                return
             for offset, key in enumerate(keys):
-                logged = self.logged.pop(key, None)
-                if logged is not None:
+                known = {prompt: PromptAnswer(r["v"], r["e"], r["ti"], r["to"], source="log")
+                         for prompt, r in self.logged.pop(key, {}).items()}
+                if known and all(p.name in known for p in self.captioner.prompts):
                     self.rows_from_log += 1
-                    self._row_done(state, offset, RowResult(logged["c"], logged["e"], logged["ti"], logged["to"]))
+                    result = RowResult({p.name: known[p.name] for p in self.captioner.prompts})
+                    result.error = combined_error(self.captioner.prompts, {n: a.error for n, a in result.answers.items()})
+                    self._row_done(state, offset, result)
                     continue
                 if not await self._acquire_unless_stopped(self.row_slots):
                     return
-                task = asyncio.create_task(self._row(state, offset, key, images[offset]))
+                row = {name: chunk.columns[name][offset] for name in self.template_columns}
+                task = asyncio.create_task(self._row(state, offset, key, images[offset], row, known))
                 self._row_tasks.add(task)
                 task.add_done_callback(self._row_tasks.discard)
             if len(chunk) == 0:
@@ -153,10 +167,13 @@ class Runner:
             return False
         return True
 
-    async def _row(self, state: _ChunkState, offset: int, key: Any, value: Any) -> None:
+    async def _row(self, state: _ChunkState, offset: int, key: Any, value: Any, row: dict[str, Any],
+                   known: dict[str, PromptAnswer]) -> None:
+        def record(prompt: str, answer: PromptAnswer) -> None:
+            self.store.log_answer(state.chunk.index, key, prompt, answer)
+
         try:
-            result = await self.session.caption(value)
-            self.store.log_result(state.chunk.index, key, result)
+            result = await self.session.caption(value, row, known=known, record=record)
         except NotSent:
             return  # the run is stopping: the row stays to do, nothing was paid
         except RunStopped as err:
@@ -179,11 +196,8 @@ class Runner:
             task.add_done_callback(self._chunk_tasks.discard)
 
     async def _write(self, chunk: Chunk) -> None:
-        out = self.config.output
         results = [chunk.results[i] for i in range(len(chunk))]
-        columns = dict(chunk.columns)
-        columns[out.caption_column] = [r.caption for r in results]
-        columns[out.error_column] = [r.error for r in results]
+        columns = {**chunk.columns, **self.captioner.output_columns(results)}
         try:
             await asyncio.to_thread(self.store.write_shard, chunk.index, columns, self.features, self.source.base_dir)
             counts = Stats()

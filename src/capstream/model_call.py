@@ -34,6 +34,7 @@ class ImageRequest:
     system: str | None
     data_url: str
     detail: str
+    options: dict[str, Any] = field(default_factory=dict)  # per-request model parameters (response_format, ...)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class ModelCall:
     async def __call__(self, request: ImageRequest) -> Answer:
         messages = build_messages(request.text, request.system, request.data_url, request.detail)
         try:
-            message = await self.llm.ainvoke(messages)
+            message = await self.llm.ainvoke(messages, **request.options)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -12,6 +12,7 @@ client binds its connection pool to the loop it first runs on.
 from __future__ import annotations
 
 import base64
+import json
 import io
 import os
 from collections import Counter
@@ -180,6 +181,17 @@ def _image_bytes(messages: list[BaseMessage]) -> bytes | None:
     return None
 
 
+def _mock_value(spec: dict, text: str) -> Any:
+    """A value of the JSON-schema type ``spec`` for the mock's structured answers."""
+    spec = spec["anyOf"][0] if "anyOf" in spec else spec
+    if spec.get("enum"):
+        return spec["enum"][0]
+    kind = spec.get("type")
+    if kind == "array":
+        return [_mock_value(spec["items"], text)]
+    return {"string": text, "integer": 0, "number": 0.0, "boolean": False}.get(kind, text)
+
+
 class MockVisionModel(BaseChatModel):
     """An offline stand-in for demos and dry runs: describes size and colours; it is not a model."""
 
@@ -193,6 +205,9 @@ class MockVisionModel(BaseChatModel):
     ) -> ChatResult:
         data = _image_bytes(messages)
         text = describe_image_offline(data) if data else "No image was given. (mock caption: no model was called)"
+        if isinstance(kwargs.get("response_format"), dict):  # a prompt with a schema: fill it in
+            schema = kwargs["response_format"]["json_schema"]["schema"]
+            text = json.dumps({name: _mock_value(spec, text) for name, spec in schema["properties"].items()})
         message = AIMessage(
             content=text,
             usage_metadata={"input_tokens": 0, "output_tokens": len(text.split()), "total_tokens": len(text.split())},

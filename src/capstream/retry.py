@@ -24,10 +24,11 @@ from typing import Any
 
 import httpx
 import openai
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+from tenacity import AsyncRetrying, retry_if_exception, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
 from .errors import Failure, RequestFailed
+from .prompts import InvalidAnswer
 
 
 _FATAL_STATUSES = {401, 402, 403, 404, 405}
@@ -113,3 +114,8 @@ def request_retrying(*, max_attempts: int, max_wait_s: float, initial_wait_s: fl
         reraise=True,
         **kwargs,
     )
+
+
+def invalid_answer_retrying(*, max_attempts: int) -> AsyncRetrying:
+    """Asking again when an answer does not match the prompt's schema: at once, up to ``max_attempts``."""
+    return AsyncRetrying(stop=stop_after_attempt(max_attempts), retry=retry_if_exception_type(InvalidAnswer), reraise=True)

@@ -8,6 +8,7 @@ Nothing here reads a secret: the config it shows is ``Config.redacted()``.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -16,17 +17,18 @@ import yaml
 from . import __version__
 from .captioner import endpoint_label
 from .config import Config
+from .prompts import Prompt, compile_prompts
 from .store import RunStore, atomic_write_bytes, atomic_write_json
 
 
-def _sample_rows(store: RunStore, config: Config, n: int = 5) -> list[tuple[str, str]]:
+def _sample_rows(store: RunStore, config: Config, column: str, n: int = 5) -> list[tuple[str, str]]:
     out = config.output
     for shard in store.shard_paths()[:3]:
-        table = pq.read_table(shard, columns=[out.caption_column, out.error_column])
-        rows = [(c, e) for c, e in zip(table[out.caption_column].to_pylist(), table[out.error_column].to_pylist())]
+        table = pq.read_table(shard, columns=[column, out.error_column])
+        rows = [(c, e) for c, e in zip(table[column].to_pylist(), table[out.error_column].to_pylist())]
         rows = [r for r in rows if r[0]] or rows
         if rows:
-            return [(c or "", e or "") for c, e in rows[:n]]
+            return [("" if c is None else str(c), e or "") for c, e in rows[:n]]
     return []
 
 
@@ -34,6 +36,16 @@ def _cell(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.replace("|", "\\|")
+
+
+def _prompt_lines(prompt: Prompt, named: bool) -> list[str]:
+    lines = [f"## Prompt `{prompt.name}`" if named else "## Prompt", ""]
+    if prompt.system:
+        lines += ["System:", "", "```text", prompt.system, "```", ""]
+    lines += ["```text", prompt.text, "```", ""]
+    if prompt.schema is not None:
+        lines += ["Answer schema (JSON, strict):", "", "```json", json.dumps(prompt.schema.json_schema(), indent=2), "```", ""]
+    return lines
 
 
 def write_card(store: RunStore, config: Config, summary: dict[str, Any]) -> None:
@@ -44,6 +56,8 @@ def write_card(store: RunStore, config: Config, summary: dict[str, Any]) -> None
         "tags": ["capstream", "image-captioning", "synthetic-captions"],
     }
     m, out = config.model, config.output
+    prompts = compile_prompts(config)
+    columns = [name for p in prompts for name in p.columns()]
     errors = summary.get("errors") or {}
     lines = [
         "---",
@@ -54,16 +68,11 @@ def write_card(store: RunStore, config: Config, summary: dict[str, Any]) -> None
         "",
         f"Made with capstream {__version__}: every image of "
         f"`{config.dataset.path or 'a dataset given in code'}` (split `{config.dataset.split}`) was sent to "
-        f"`{m.name}` ({endpoint_label(config)}) with the prompt below. Column `{out.caption_column}` holds "
-        f"the answer; `{out.error_column}` says why a row has none.",
+        f"`{m.name}` ({endpoint_label(config)}) with the prompt{'s' if len(prompts) > 1 else ''} below. "
+        f"Column{'s' if len(columns) > 1 else ''} {', '.join(f'`{c}`' for c in columns)} hold the answers; "
+        f"`{out.error_column}` says why a row has none.",
         "",
-        "## Prompt",
-        "",
-        *(["System:", "", "```text", config.prompt.system, "```", ""] if config.prompt.system else []),
-        "```text",
-        config.prompt.text,
-        "```",
-        "",
+        *[line for p in prompts for line in _prompt_lines(p, len(prompts) > 1)],
         "## Counts",
         "",
         "| rows | captioned | errors | input tokens | output tokens |",
@@ -76,9 +85,9 @@ def write_card(store: RunStore, config: Config, summary: dict[str, Any]) -> None
         f"Updated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",
     ]
-    samples = _sample_rows(store, config)
+    samples = _sample_rows(store, config, columns[0])
     if samples:
-        lines += ["## Sample captions", "", f"| {out.caption_column} | {out.error_column} |", "| --- | --- |"]
+        lines += ["## Sample captions", "", f"| {columns[0]} | {out.error_column} |", "| --- | --- |"]
         lines += [f"| {_cell(c)} | {_cell(e)} |" for c, e in samples]
         lines.append("")
     lines += [

@@ -53,17 +53,19 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def output_features(source: datasets.Features | None, caption_column: str, error_column: str) -> datasets.Features | None:
-    """Source features with images decodable again on load, plus the two new string columns."""
+def output_features(source: datasets.Features | None, added: dict[str, Any], error_column: str) -> datasets.Features | None:
+    """Source features with images decodable again on load, plus the prompts' columns (``added``:
+    name -> feature) and the error column."""
     if source is None:
         return None
     out = {}
     for name, feature in source.items():
         out[name] = datasets.Image() if isinstance(feature, datasets.Image) else feature
-    for name in (caption_column, error_column):
+    for name, feature in {**added, error_column: datasets.Value("string")}.items():
         if name in out:
-            raise ConfigError(f"output.{'caption' if name == caption_column else 'error'}_column: the source already has a column {name!r}")
-        out[name] = datasets.Value("string")
+            raise ConfigError(f"the source already has a column {name!r}: choose another output column name "
+                              f"(output.caption_column, output.error_column, a prompts: name or a schema field)")
+        out[name] = feature
     return datasets.Features(out)
 
 
@@ -172,10 +174,10 @@ class RunStore:
         done = self.manifest.get("done", {})
         return sum(done[str(i)]["rows"] for i in chunks if str(i) in done)
 
-    def logged_results(self, skip_chunks: Iterable[int], *, ok_only: bool = False) -> dict[Any, dict]:
-        """Answers already received for rows of chunks not skipped (key -> last logged record).
+    def logged_results(self, skip_chunks: Iterable[int], *, ok_only: bool = False) -> dict[Any, dict[str, dict]]:
+        """Answers already received for rows of chunks not skipped: key -> prompt name -> record.
 
-        The log is append-only, so a row answered twice (``--retry-errors``) has its newest answer win.
+        The log is append-only, so an answer given twice (``--retry-errors``) has its newest one win.
         """
         skip = set(skip_chunks)
         found: dict[Any, dict] = {}
@@ -189,24 +191,25 @@ class RunStore:
                     except json.JSONDecodeError:
                         continue
                     if record["i"] not in skip:
-                        found[_hashable(record["k"])] = record
+                        found.setdefault(_hashable(record["k"]), {})[record["p"]] = record
         except OSError as err:
             raise RunStopped(f"cannot read {self.results_path}: {err.strerror or err}") from None
         if ok_only:
-            found = {k: r for k, r in found.items() if r["e"] is None}
+            found = {k: good for k, by_prompt in found.items()
+                     if (good := {p: r for p, r in by_prompt.items() if r["e"] is None})}
         return found
 
     # -- during the run ----------------------------------------------------------------------------
 
-    def log_result(self, chunk_index: int, key: Any, result: Any) -> None:
-        """Append one answer; it is durable (in the OS) before the row counts as done.
+    def log_answer(self, chunk_index: int, key: Any, prompt: str, answer: Any) -> None:
+        """Append one prompt's answer for one row; it is durable (in the OS) before it counts.
 
         Unbuffered: each line goes to the OS in one write, so a kill loses nothing written and a
         failed write (disk full) leaves no buffered bytes to fail again later. A line cut short is
         removed when the log is next opened.
         """
-        line = (json.dumps({"i": chunk_index, "k": key, "c": result.caption, "e": result.error,
-                            "ti": result.input_tokens, "to": result.output_tokens}, ensure_ascii=False) + "\n").encode()
+        line = (json.dumps({"i": chunk_index, "k": key, "p": prompt, "v": answer.value, "e": answer.error,
+                            "ti": answer.input_tokens, "to": answer.output_tokens}, ensure_ascii=False) + "\n").encode()
         try:
             if self._log is None:
                 self._log = open(self.results_path, "ab", buffering=0)
