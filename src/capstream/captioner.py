@@ -26,10 +26,11 @@ from langchain_core.language_models import BaseChatModel
 
 from .config import Config, resolve_config
 from .errors import ConfigError, Failure, RequestFailed, RowError, RunStopped
-from .images import PreparedImage, openai_image_tokens, prepare_image
+from .images import PreparedImage, prepare_image
 from .limits import RateLimits
 from .model_call import Answer, ImageRequest, ModelCall
 from .models import OPENAI_COMPATIBLE, api_key, async_http_client, build_chat_model, check_model_config
+from .prices import check_cost_settings, image_tokens, sent_size
 from .retry import request_retrying
 from .workers import WorkerPool
 
@@ -112,17 +113,21 @@ class CaptionSession:
         self._text_tokens = (len(cfg.prompt.text) + len(cfg.prompt.system or "")) // 4 + 10
         self._output_budget = cfg.model.max_tokens or 300
         self._secret = api_key(cfg.model) if captioner.llm is None else None
+        self._sent_size = sent_size(cfg.image, cfg.model.name)  # image.max_side and max_tokens_per_image
 
     async def prepare(self, value: Any) -> PreparedImage:
         img = self.config.image
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.prep_pool, lambda: prepare_image(value, max_side=img.max_side, quality=img.quality, base_dir=self.base_dir)
+            self.prep_pool, lambda: prepare_image(value, max_side=img.max_side, quality=img.quality,
+                                                  base_dir=self.base_dir, target_size=self._sent_size)
         )
 
     def estimated_tokens(self, image: PreparedImage) -> int:
-        """Tokens one request counts against a tokens-per-minute limit (input + max output)."""
-        return openai_image_tokens(image.width, image.height, self.config.image.detail) + self._text_tokens + self._output_budget
+        """Tokens one request counts against a tokens-per-minute limit (input + max output); the image
+        counted by the model's rule, as ``capstream estimate`` and the token budget count it."""
+        image_part = image_tokens(self.config.model.name, image.width, image.height, self.config.image.detail)
+        return image_part + self._text_tokens + self._output_budget
 
     async def caption(self, value: Any) -> RowResult:
         """Caption one image value; row failures come back as data, run-stopping ones raise."""
@@ -193,6 +198,7 @@ class Captioner:
 
     def __init__(self, config: Config | dict | str | None = None, *, llm: BaseChatModel | None = None):
         self.config = resolve_config(config)
+        check_cost_settings(self.config)  # a Config built in code skipped config_from_dict's check
         self.llm = llm
         if llm is None:
             check_model_config(self.config.model)

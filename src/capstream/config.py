@@ -48,7 +48,7 @@ class ModelConfig(_Section):
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=300, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
-    # USD per million tokens, for `capstream estimate` only (null: prices.py's table); not part of
+    # USD per million tokens, for `capstream estimate` and the live cost (null: prices.py's table); not part of
     # the resume fingerprint, since prices do not change the answers.
     price_input_per_mtok: float | None = Field(default=None, ge=0)
     price_output_per_mtok: float | None = Field(default=None, ge=0)
@@ -63,6 +63,9 @@ class ImageConfig(_Section):
     max_side: int = Field(default=1024, ge=16)
     detail: Literal["low", "high", "auto"] = "auto"
     quality: int = Field(default=90, ge=1, le=100)
+    # Shrink each image further until it counts at most this many input tokens under the model's
+    # image rule (prices.py); a budget no image can meet is refused by prices.check_cost_settings.
+    max_tokens_per_image: int | None = Field(default=None, ge=1)
 
 
 class LimitsConfig(_Section):
@@ -81,6 +84,8 @@ class RunConfig(_Section):
     window_chunks: int = Field(default=8, ge=1)
     prep_threads: int = Field(default=2, ge=1)
     workers: int = Field(default=1, ge=1)
+    # Stop (resumable) once the USD spent into output.dir, all runs together, reaches this.
+    max_cost_usd: float | None = Field(default=None, gt=0)
 
 
 class OutputConfig(_Section):
@@ -113,6 +118,7 @@ class Config(_Section):
         "dataset.revision", "dataset.image_column", "dataset.key_column", "dataset.limit",
         "model.provider", "model.name", "model.base_url", "model.api_version", "model.temperature",
         "model.max_tokens", "prompt.text", "prompt.system", "image.max_side", "image.detail", "image.quality",
+        "image.max_tokens_per_image",
         "output.caption_column", "output.error_column",
     )
 
@@ -217,9 +223,16 @@ def config_from_dict(data: dict | None, *, source: str = "<config>", overrides: 
     for assignment in overrides:
         _apply_override(data, assignment, source)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err, source)) from None
+    from .prices import check_cost_settings  # late: prices.py needs images.py (Pillow)
+
+    try:
+        check_cost_settings(config)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return config
 
 
 def load_config(path: str | os.PathLike, *, overrides: list[str] = ()) -> Config:
