@@ -19,7 +19,7 @@ import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from langchain_core.language_models import BaseChatModel
@@ -110,6 +110,7 @@ class CaptionSession:
         self.prep_pool = captioner.prep_pool
         self.stats = Stats()
         self.stopping = asyncio.Event()  # set: requests not yet sent are not sent
+        self.before_send: Callable[[], None] = lambda: None  # may raise RunStopped (cost.BudgetGuard)
         self._text_tokens = (len(cfg.prompt.text) + len(cfg.prompt.system or "")) // 4 + 10
         self._output_budget = cfg.model.max_tokens or 300
         self._secret = api_key(cfg.model) if captioner.llm is None else None
@@ -161,6 +162,7 @@ class CaptionSession:
                     await self.limits.acquire(tokens)
                     if self.stopping.is_set():
                         raise NotSent()
+                    self.before_send()
                     self.stats.requests += 1
                     try:
                         answer = await self.call(request)
