@@ -59,8 +59,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     if summary.get("cost_usd") is not None:
         this_run = summary.get("cost_usd_this_run")
-        lines.append(f"cost: ${usd(summary['cost_usd'])} (all runs; this run ${usd(this_run or 0)}), "
-                     f"prices {_prices_text(summary.get('prices') or {})}")
+        lines.append(f"cost: ${usd(summary['cost_usd'])} for {summary.get('paid_input_tokens', 0)}/"
+                     f"{summary.get('paid_output_tokens', 0)} tokens paid (all runs; this run ${usd(this_run or 0)}) "
+                     f"at {_prices_text(summary.get('prices') or {})}")
     if summary.get("output_dir"):
         lines.append(f"output: {summary['output_dir']}")
     return "\n".join(lines)
