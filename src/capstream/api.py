@@ -23,6 +23,7 @@ import datasets
 
 from .captioner import Captioner, endpoint_label
 from .config import Config, resolve_config
+from .cost import BudgetGuard, CostMeter, Prices
 from .engine import Interrupted, Runner
 from .errors import RunStopped
 from .progress import ProgressBar
@@ -71,8 +72,11 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
 
     runner = Runner(src, captioner, store, retry_errors=retry_errors)
     nothing_to_do = store.complete and not runner.skip_chunks ^ store.done_chunks
+    meter = CostMeter(Prices.of(config.model), runner.stats, before=store.paid_tokens())
+    if config.run.max_cost_usd is not None:
+        runner.before_send = BudgetGuard(meter, config.run.max_cost_usd, str(store.dir))
     bar = ProgressBar(src.num_rows, runner.stats, enabled=show_progress and not nothing_to_do,
-                      initial=store.rows_in(runner.skip_chunks))
+                      initial=store.rows_in(runner.skip_chunks), meter=meter)
     runner.progress = bar
     failure: RunStopped | None = None
     try:
@@ -97,6 +101,13 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         "rows_per_s": round(runner.stats.rows / max(1e-9, time.time() - started), 2),
         "model": config.model.name,
         "endpoint": endpoint_label(config),
+        # What every run into this folder paid for (the results log), and what this one did.
+        "paid_input_tokens": meter.tokens()[0],
+        "paid_output_tokens": meter.tokens()[1],
+        "cost_usd": _rounded(meter.total_usd()),
+        "cost_usd_this_run": _rounded(meter.this_run_usd()),
+        "prices": meter.prices.as_dict(),
+        "max_cost_usd": config.run.max_cost_usd,
         "output_dir": str(store.dir),
         "stopped": str(failure) if failure else None,
     }
@@ -106,6 +117,10 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         failure.summary = summary
         raise failure
     return RunResult(summary, store)
+
+
+def _rounded(usd: float | None) -> float | None:
+    return None if usd is None else round(usd, 6)
 
 
 def _run_async(coro, runner: Runner, handle_signals: bool):

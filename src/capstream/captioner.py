@@ -28,10 +28,11 @@ from langchain_core.language_models import BaseChatModel
 from .answers import RecentAnswers, ResponseCache, content_key, default_cache_dir
 from .config import Config, redact_url, resolve_config
 from .errors import ConfigError, Failure, RequestFailed, RowError, RunStopped
-from .images import PreparedImage, openai_image_tokens, prepare_image
+from .images import PreparedImage, prepare_image
 from .limits import RateLimits
 from .model_call import Answer, ImageRequest, ModelCall
 from .models import OPENAI_COMPATIBLE, api_key, async_http_client, build_chat_model, check_model_config
+from .prices import check_cost_settings, image_tokens, sent_size
 from .prompts import InvalidAnswer, Prompt, combined_error, compile_prompts
 from .retry import invalid_answer_retrying, request_retrying
 from .workers import WorkerPool
@@ -96,12 +97,12 @@ class Stats:
     output_tokens: int = 0
     reused: Counter = field(default_factory=Counter)  # answers not bought: by source (log, dedup, cache)
 
-    def add(self, result: RowResult, *, this_run_only: bool = False) -> None:
-        """Count a row; ``this_run_only``: leave out tokens paid by an earlier run (logged answers)."""
+    def add(self, result: RowResult, *, tokens: bool = True) -> None:
+        """Count a row (``tokens=False``: its tokens were counted as each answer arrived)."""
         self.rows += 1
-        paid = [a for a in result.answers.values() if not (this_run_only and a.source == "log")]
-        self.input_tokens += sum(a.input_tokens for a in paid)
-        self.output_tokens += sum(a.output_tokens for a in paid)
+        if tokens:
+            self.input_tokens += result.input_tokens
+            self.output_tokens += result.output_tokens
         if result.ok:
             self.ok += 1
         else:
@@ -148,8 +149,10 @@ class CaptionSession:
         self.prep_pool = captioner.prep_pool
         self.stats = Stats()
         self.stopping = asyncio.Event()  # set: requests not yet sent are not sent
+        self.before_send: Callable[[], None] = lambda: None  # may raise RunStopped (cost.BudgetGuard)
         self._output_budget = cfg.model.max_tokens or 300
         self._secret = api_key(cfg.model) if captioner.llm is None else None
+        self._sent_size = sent_size(cfg.image, cfg.model.name)  # image.max_side and max_tokens_per_image
         # Answers bought earlier (the cache) or earlier in this run, and requests in flight, by
         # content key: identical requests are paid once.
         self.bought = ResponseCache(cfg.run.cache_dir or default_cache_dir()) if cfg.run.cache else RecentAnswers()
@@ -166,15 +169,17 @@ class CaptionSession:
         img = self.config.image
 
         def prepare_and_hash() -> tuple[PreparedImage, str]:
-            image = prepare_image(value, max_side=img.max_side, quality=img.quality, base_dir=self.base_dir)
+            image = prepare_image(value, max_side=img.max_side, quality=img.quality, base_dir=self.base_dir,
+                                  target_size=self._sent_size)
             return image, hashlib.sha256(image.data).hexdigest()
 
         return await asyncio.get_running_loop().run_in_executor(self.prep_pool, prepare_and_hash)
 
     def estimated_tokens(self, image: PreparedImage, text: str, system: str | None, max_tokens: int | None = None) -> int:
-        """Tokens one request counts against a tokens-per-minute limit (input + max output)."""
-        return (openai_image_tokens(image.width, image.height, self.config.image.detail)
-                + (len(text) + len(system or "")) // 4 + 10 + (max_tokens or self._output_budget))
+        """Tokens one request counts against a tokens-per-minute limit (input + max output); the image
+        counted by the model's rule, as ``capstream estimate`` and the token budget count it."""
+        image_part = image_tokens(self.config.model.name, image.width, image.height, self.config.image.detail)
+        return image_part + (len(text) + len(system or "")) // 4 + 10 + (max_tokens or self._output_budget)
 
     async def caption(self, value: Any, row: dict[str, Any] | None = None, *,
                       known: dict[str, PromptAnswer] | None = None,
@@ -205,7 +210,7 @@ class CaptionSession:
                 answers.update({p.name: o for p, o in zip(todo, outcomes)})
         result = RowResult({p.name: answers[p.name] for p in self.prompts},
                            combined_error(self.prompts, {name: a.error for name, a in answers.items()}))
-        self.stats.add(result, this_run_only=True)
+        self.stats.add(result, tokens=False)
         return result
 
     async def _answer(self, prompt: Prompt, image: PreparedImage, digest: str, row: dict[str, Any],
@@ -276,6 +281,7 @@ class CaptionSession:
                     await self.limits.acquire(tokens)
                     if self.stopping.is_set():
                         raise NotSent()
+                    self.before_send()
                     self.stats.requests += 1
                     try:
                         answer = await self.call(request)
@@ -283,6 +289,9 @@ class CaptionSession:
                         self.limits.observe(failed.headers, rate_limited=failed.status == 429)
                         raise
                     self.limits.observe(answer.headers, rate_limited=False)
+                    # Counted now, before the slot is free: the budget check of the next request sees it.
+                    self.stats.input_tokens += answer.input_tokens
+                    self.stats.output_tokens += answer.output_tokens
                     return answer
         raise AssertionError("unreachable: tenacity reraises the last error")
 
@@ -312,6 +321,7 @@ class Captioner:
 
     def __init__(self, config: Config | dict | str | None = None, *, llm: BaseChatModel | None = None):
         self.config = resolve_config(config)
+        check_cost_settings(self.config)  # a Config built in code skipped config_from_dict's check
         self.llm = llm
         if llm is None:
             check_model_config(self.config.model)

@@ -49,7 +49,7 @@ class ModelConfig(_Section):
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=300, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
-    # USD per million tokens, for `capstream estimate` only (null: prices.py's table); not part of
+    # USD per million tokens, for `capstream estimate` and the live cost (null: prices.py's table); not part of
     # the resume fingerprint, since prices do not change the answers.
     price_input_per_mtok: float | None = Field(default=None, ge=0)
     price_output_per_mtok: float | None = Field(default=None, ge=0)
@@ -78,6 +78,9 @@ class ImageConfig(_Section):
     max_side: int = Field(default=1024, ge=16)
     detail: Literal["low", "high", "auto"] = "auto"
     quality: int = Field(default=90, ge=1, le=100)
+    # Shrink each image further until it counts at most this many input tokens under the model's
+    # image rule (prices.py); a budget no image can meet is refused by prices.check_cost_settings.
+    max_tokens_per_image: int | None = Field(default=None, ge=1)
 
 
 class LimitsConfig(_Section):
@@ -99,6 +102,8 @@ class RunConfig(_Section):
     workers: int = Field(default=1, ge=1)
     cache: bool = True  # re-use answers bought by earlier runs (any output.dir) for the same request
     cache_dir: str | None = None  # null: $CAPSTREAM_CACHE_DIR, else ~/.cache/capstream
+    # Stop (resumable) once the USD spent into output.dir, all runs together, reaches this.
+    max_cost_usd: float | None = Field(default=None, gt=0)
 
 
 class OutputConfig(_Section):
@@ -132,6 +137,7 @@ class Config(_Section):
         "dataset.revision", "dataset.image_column", "dataset.key_column", "dataset.limit",
         "model.provider", "model.name", "model.base_url", "model.api_version", "model.temperature",
         "model.max_tokens", "prompt", "prompts", "image.max_side", "image.detail", "image.quality",
+        "image.max_tokens_per_image",
         "output.caption_column", "output.error_column",
     )
 
@@ -258,8 +264,11 @@ def config_from_dict(data: dict | None, *, source: str = "<config>", overrides: 
         config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err, source)) from None
+    from .prices import check_cost_settings  # late: prices.py needs images.py (Pillow)
+
     try:
         compile_prompts(config)  # schemas and column names checked now, not at the first request
+        check_cost_settings(config)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return config

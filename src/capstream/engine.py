@@ -64,6 +64,7 @@ class Runner:
         self._row_tasks: set[asyncio.Task] = set()
         self._chunk_tasks: set[asyncio.Task] = set()
         self.rows_from_log = 0  # rows whose answer an earlier run had already received
+        self.before_send: Callable[[], None] = lambda: None  # checked before each request (run.max_cost_usd)
 
     def request_stop(self) -> None:
         """Stop taking new rows; in-flight requests finish; the run then raises ``Interrupted``."""
@@ -74,6 +75,7 @@ class Runner:
         self.session = self.captioner.session(base_dir=self.source.base_dir)
         self.session.stats = self.stats
         self.session.stopping = self.stop_requested
+        self.session.before_send = self.before_send
         # Answers already paid for; with retry_errors only the good ones, so error rows are asked again.
         self.logged = self.store.logged_results(self.skip_chunks, ok_only=self.retry_errors)
         self.window = asyncio.Semaphore(cfg.run.window_chunks)

@@ -1,8 +1,8 @@
 """What a run will cost, estimated before it starts: rows, requests, tokens, USD. Sends no request.
 
 Every image is read up to its header only (its pixel size, no decode), shrunk as ``prepare_image``
-would (``image.max_side``) and counted by the model's image rule (``prices.py``; OpenAI's tile rule
-for models it does not list). The prompt is counted with tiktoken when it is installed and knows the
+would (``image.max_side``, ``image.max_tokens_per_image``) and counted by the model's image rule
+(``prices.py``; OpenAI's tile rule for models it does not list). The prompt is counted with tiktoken when it is installed and knows the
 model, else as ``ceil(characters / 4) + 4`` per message (``CAPSTREAM_NO_TIKTOKEN=1`` forces that:
 tiktoken downloads its encoding files on first use). Output tokens are ``model.max_tokens`` per
 request, an upper bound.
@@ -20,14 +20,14 @@ import io
 import os
 from dataclasses import asdict, dataclass
 from math import ceil
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 
-from .config import Config, ModelConfig, PromptConfig
+from .config import Config, PromptConfig
 from .errors import ConfigError, RunStopped
-from .images import looks_complete, image_size_after_prep, load_image_bytes
-from .prices import DEFAULT_IMAGE_RULE, PRICES_AS_OF, model_billing
+from .images import load_image_bytes, looks_complete
+from .prices import cost_usd, image_rule, prices, sent_size
 from .source import Source, open_source
 
 _MAX_PIXELS = 128_000_000  # prepare_image's default: larger images are error rows in a run
@@ -108,12 +108,12 @@ def estimate(config: Config, *, sample: int | None = None, data: Any = None) -> 
     if sample is not None and sample < 1:
         raise ConfigError(f"--sample: must be at least 1, got {sample}")
     source = _open(config, data)
-    billing = model_billing(config.model.name)
-    rule = billing.image if billing else DEFAULT_IMAGE_RULE
+    rule = image_rule(config.model.name)
+    to_send = sent_size(config.image, config.model.name)
     rows_read = usable = image_tokens = 0
     for value in _image_values(source, sample, _named(config)):
         rows_read += 1
-        size = image_size(value, config.image.max_side, source.base_dir)
+        size = image_size(value, to_send, source.base_dir)
         if size is not None:
             usable += 1
             image_tokens += rule.tokens(*size, config.image.detail)
@@ -190,8 +190,11 @@ def known_row_count(source: Source, config: Config) -> int | None:
 # ---------------------------------------------------------------------------------- the images
 
 
-def image_size(value: Any, max_side: int, base_dir: str | None = None) -> tuple[int, int] | None:
+def image_size(value: Any, to_send: Callable[[int, int], tuple[int, int]], base_dir: str | None = None) -> tuple[int, int] | None:
     """The size the image is sent at, from its header only; None when a run would make it an error row.
+
+    ``to_send``: the run's sizing, ``prices.sent_size(config.image, model)`` (``image.max_side``, then
+    ``image.max_tokens_per_image``).
 
     EXIF rotation is not applied: every rule in prices.py, and ``image_size_after_prep``, give the same
     count for a width x height image and its transpose, so a rotated image costs the same.
@@ -208,7 +211,7 @@ def image_size(value: Any, max_side: int, base_dir: str | None = None) -> tuple[
     # A truncated file fails to decode in a run; its header alone looks fine, its end does not.
     if fmt in ("JPEG", "PNG", "WEBP") and not looks_complete(data, fmt):
         return None
-    return image_size_after_prep(width, height, max_side)
+    return to_send(width, height)
 
 
 # ------------------------------------------------------------------------------ prompt and cost
@@ -236,28 +239,3 @@ def _tiktoken_encoding(model: str) -> Any:
         return tiktoken.encoding_for_model(model)  # KeyError for a model it does not know
     except Exception:  # offline and the encoding not cached yet, ...
         return None
-
-
-def prices(model: ModelConfig) -> tuple[float | None, float | None, str]:
-    """USD per million input and output tokens, and where they come from."""
-    if model.provider == "mock":
-        return 0.0, 0.0, "mock"
-    billing = model_billing(model.name)
-    table_in = billing.input_per_mtok if billing else None
-    table_out = billing.output_per_mtok if billing else None
-    price_in = model.price_input_per_mtok if model.price_input_per_mtok is not None else table_in
-    price_out = model.price_output_per_mtok if model.price_output_per_mtok is not None else table_out
-    from_config = [model.price_input_per_mtok is not None, model.price_output_per_mtok is not None]
-    if price_in is None or price_out is None:
-        source = "unknown"
-    elif all(from_config):
-        source = "config"
-    else:
-        source = f"{'config+' if any(from_config) else ''}table:{PRICES_AS_OF}"
-    return price_in, price_out, source
-
-
-def cost_usd(input_tokens: int, output_tokens: int | None, price_in: float | None, price_out: float | None) -> float | None:
-    if price_in is None or price_out is None or output_tokens is None:
-        return None
-    return (input_tokens * price_in + output_tokens * price_out) / 1e6

@@ -30,7 +30,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -217,29 +217,35 @@ def prepare_image(
     quality: int = 90,
     base_dir: str | None = None,
     max_pixels: int = 128_000_000,
+    target_size: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> PreparedImage:
     """The payload for ``value``: its own bytes when they can be sent as they are, else a JPEG.
 
+    ``target_size``: ``(width, height) -> size to send`` (before EXIF rotation; e.g.
+    ``prices.sent_size(config.image, model)`` for a token budget), instead of shrinking to ``max_side``.
     Raises ``ImageError`` for a missing, unreadable, corrupt, empty or too large image.
     """
     if max_side < 1:
         raise ValueError(f"max_side must be at least 1, got {max_side}")
+    if target_size is None:
+        target_size = lambda width, height: image_size_after_prep(width, height, max_side)  # noqa: E731
     if isinstance(value, Image.Image):
         with _pillow_errors():
             _check_size(value.size, max_pixels)
             with _quiet_bomb_warning(value.size):
-                return _reencode(value, max_side, quality, owned=False)
+                return _reencode(value, target_size(*value.size), quality, owned=False)
 
     data = load_image_bytes(value, base_dir=base_dir)
     with _pillow_errors():
         with _quiet_bomb_warning():
             img = Image.open(io.BytesIO(data))
         _check_size(img.size, max_pixels)
-        if _can_pass_through(img, data, max_side):
+        target = target_size(*img.size)
+        if _can_pass_through(img, data, target):
             width, height = img.size
             return PreparedImage(data, _MIME[_format(img)], width, height, reencoded=False)
         with _quiet_bomb_warning(img.size):
-            return _reencode(img, max_side, quality, owned=True)
+            return _reencode(img, target, quality, owned=True)
 
 
 @contextmanager
@@ -297,12 +303,12 @@ def _format(img: Image.Image) -> str | None:
     return "JPEG" if img.format == "MPO" else img.format
 
 
-def _can_pass_through(img: Image.Image, data: bytes, max_side: int) -> bool:
+def _can_pass_through(img: Image.Image, data: bytes, target: tuple[int, int]) -> bool:
     """Whether the source bytes can be sent as they are, judged from the header only."""
     return (
         _format(img) in _MIME
         and img.mode == "RGB"
-        and max(img.size) <= max_side
+        and img.size == target
         and "transparency" not in img.info
         and (img.format == "MPO" or getattr(img, "n_frames", 1) == 1)
         and _header_orientation(img) == 1
@@ -338,13 +344,13 @@ def looks_complete(data: bytes, fmt: str | None) -> bool:
     return False
 
 
-def _reencode(img: Image.Image, max_side: int, quality: int, *, owned: bool) -> PreparedImage:
-    """Decode, rotate upright, convert to RGB, shrink and encode as JPEG.
+def _reencode(img: Image.Image, target: tuple[int, int], quality: int, *, owned: bool) -> PreparedImage:
+    """Decode, rotate upright, convert to RGB, shrink to ``target`` (the size before rotation) and
+    encode as JPEG.
 
     ``owned`` is False for a caller's PIL image, which must not be modified (no draft, no in-place
     transpose).
     """
-    target = image_size_after_prep(*img.size, max_side)
     if owned and _format(img) == "JPEG" and target != img.size:
         img.draft("RGB", target)  # let libjpeg decode at 1/2, 1/4 or 1/8 scale
     img.load()

@@ -1,5 +1,7 @@
 """What OpenAI bills for a few well-known vision models: USD per million tokens, and how many input
-tokens one image counts as. Used by ``capstream estimate`` only; nothing here changes a run.
+tokens one image counts as. This is capstream's one image-token rule: ``capstream estimate``, the
+tokens-per-minute limiter, ``image.max_tokens_per_image`` and the live cost all count with
+``image_rule(model)``.
 
 Prices are OpenAI's standard-tier list prices as published on 2025-04-14 (the GPT-4.1 launch;
 https://openai.com/api/pricing). Prices change: override them with ``model.price_input_per_mtok``
@@ -13,6 +15,10 @@ GPT-4.1-mini and GPT-4.1-nano count 32 px patches (at most 1536) times a multipl
     >>> billing = model_billing("gpt-4.1-mini-2025-04-14")
     >>> billing.input_per_mtok, billing.image.tokens(1024, 1024, "high")
     (0.4, 1659)
+    >>> image_tokens("gpt-4o", 1600, 1200, "high"), image_tokens("my-local-vlm", 1600, 1200, "high")
+    (765, 765)
+    >>> size_within_budget(image_rule("gpt-4o"), 1600, 1200, max_side=1024, detail="high", budget=500)
+    (683, 512)
 """
 
 from __future__ import annotations
@@ -20,8 +26,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from math import ceil, floor, sqrt
+from typing import TYPE_CHECKING, Callable
 
-from .images import openai_image_tokens
+from .errors import ConfigError
+from .images import image_size_after_prep, openai_image_tokens
+
+if TYPE_CHECKING:
+    from .config import Config, ImageConfig, ModelConfig
 
 PRICES_AS_OF = "2025-04-14"
 
@@ -93,3 +104,105 @@ def model_billing(name: str) -> ModelBilling | None:
     """The table's entry for ``name`` (a dated snapshot name counts as its model), or None."""
     key = name.strip().lower()
     return PRICES.get(key) or PRICES.get(_DATED.sub("", key))
+
+
+# ------------------------------------------------------------------------- the one image-token rule
+
+
+def image_rule(model: str) -> Tiles | Patches:
+    """How ``model`` counts an image: the table's rule, OpenAI's 85 + 170 per tile for any other model."""
+    billing = model_billing(model)
+    return billing.image if billing else DEFAULT_IMAGE_RULE
+
+
+def image_tokens(model: str, width: int, height: int, detail: str) -> int:
+    """Input tokens one ``width`` x ``height`` image (as sent) counts for ``model`` at ``detail``."""
+    return image_rule(model).tokens(width, height, detail)
+
+
+def min_image_tokens(rule: Tiles | Patches, detail: str) -> int:
+    """The fewest tokens any image can count under ``rule`` (a 1 x 1 image: every rule grows with size)."""
+    return rule.tokens(1, 1, detail)
+
+
+def size_within_budget(rule: Tiles | Patches, width: int, height: int, *, max_side: int, detail: str,
+                       budget: int) -> tuple[int, int]:
+    """The largest size of a ``width`` x ``height`` image (aspect ratio kept, never upscaled, longest
+    side at most ``max_side``) that counts at most ``budget`` tokens under ``rule``.
+
+    Sizes are those ``image_size_after_prep`` gives for each longest side, so a resize reproduces them
+    exactly. The counts grow with the size up to where the rule stops growing (OpenAI shrinks large
+    images itself): a binary search over the longest side finds the largest that fits.
+    ValueError when even a 1 px image does not fit (``check_cost_settings`` refuses such budgets).
+    """
+    full = image_size_after_prep(width, height, max_side)
+    if rule.tokens(*full, detail) <= budget:
+        return full
+    low, high = 0, max(full)  # the longest side that fits is in [low, high): ``high`` does not fit
+    while high - low > 1:
+        mid = (low + high) // 2
+        if rule.tokens(*image_size_after_prep(width, height, mid), detail) <= budget:
+            low = mid
+        else:
+            high = mid
+    if low == 0:
+        raise ValueError(f"no image size counts at most {budget} tokens ({rule.describe()})")
+    return image_size_after_prep(width, height, low)
+
+
+def sent_size(image: "ImageConfig", model: str) -> Callable[[int, int], tuple[int, int]]:
+    """``(width, height) -> size sent`` for these image settings: shrunk to ``image.max_side``, then
+    to ``image.max_tokens_per_image`` under ``model``'s rule when that is set. Used by a run's image
+    preparation and by ``capstream estimate`` alike.
+    """
+    if image.max_tokens_per_image is None:
+        return lambda width, height: image_size_after_prep(width, height, image.max_side)
+    rule, max_side, detail, budget = image_rule(model), image.max_side, image.detail, image.max_tokens_per_image
+    return lambda width, height: size_within_budget(rule, width, height, max_side=max_side, detail=detail, budget=budget)
+
+
+# ------------------------------------------------------------------------------------ USD
+
+
+def prices(model: "ModelConfig") -> tuple[float | None, float | None, str]:
+    """USD per million input and output tokens, and where they come from (``config``,
+    ``table:<date>``, ``config+table:<date>``, ``mock``: free, or ``unknown``)."""
+    if model.provider == "mock":
+        return 0.0, 0.0, "mock"
+    billing = model_billing(model.name)
+    table_in = billing.input_per_mtok if billing else None
+    table_out = billing.output_per_mtok if billing else None
+    price_in = model.price_input_per_mtok if model.price_input_per_mtok is not None else table_in
+    price_out = model.price_output_per_mtok if model.price_output_per_mtok is not None else table_out
+    from_config = [model.price_input_per_mtok is not None, model.price_output_per_mtok is not None]
+    if price_in is None or price_out is None:
+        source = "unknown"
+    elif all(from_config):
+        source = "config"
+    else:
+        source = f"{'config+' if any(from_config) else ''}table:{PRICES_AS_OF}"
+    return price_in, price_out, source
+
+
+def cost_usd(input_tokens: int, output_tokens: int | None, price_in: float | None, price_out: float | None) -> float | None:
+    """USD for these tokens; None when a price (or the output count) is unknown."""
+    if price_in is None or price_out is None or output_tokens is None:
+        return None
+    return (input_tokens * price_in + output_tokens * price_out) / 1e6
+
+
+def check_cost_settings(config: "Config") -> None:
+    """ConfigError for cost settings that cannot work, found before anything is read or sent:
+    an ``image.max_tokens_per_image`` no image can fit, a ``run.max_cost_usd`` with no known price."""
+    budget = config.image.max_tokens_per_image
+    if budget is not None:
+        rule = image_rule(config.model.name)
+        smallest = min_image_tokens(rule, config.image.detail)
+        if budget < smallest:
+            raise ConfigError(
+                f"image.max_tokens_per_image: {budget} is below the fewest tokens an image counts for "
+                f"{config.model.name!r} at image.detail {config.image.detail!r} ({smallest}: {rule.describe()})")
+    if config.run.max_cost_usd is not None and None in prices(config.model)[:2]:
+        raise ConfigError(
+            f"run.max_cost_usd: the price of {config.model.name!r} is unknown, so the money spent cannot be "
+            "counted; set model.price_input_per_mtok and model.price_output_per_mtok (USD per million tokens)")

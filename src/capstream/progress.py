@@ -1,4 +1,10 @@
-"""The progress bar on stderr and the end-of-run report."""
+"""The progress bar on stderr and the end-of-run report.
+
+The bar shows rows, ok / error counts, tokens, and with a known price the USD spent (all runs into
+the folder) and the projected total (spent / rows done x rows):
+
+    train:  12%|█▏        | 120/1000 [00:09<01:10, 12.5row/s, ok=118 err=2 tok=91800+5400 $0.0170 of ~$0.1417]
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,17 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .captioner import RowResult, Stats
+from .cost import CostMeter, usd
 
 
 class ProgressBar:
-    """A tqdm bar over rows with ok / error / token counts; call it with each RowResult."""
+    """A tqdm bar over rows with ok / error / token counts and, given a ``meter`` with known prices,
+    the USD spent and projected; call it with each RowResult."""
 
-    def __init__(self, total: int | None, stats: Stats, *, enabled: bool = True, initial: int = 0):
+    def __init__(self, total: int | None, stats: Stats, *, enabled: bool = True, initial: int = 0,
+                 meter: CostMeter | None = None):
         self.stats = stats
+        self.meter = meter
         self.bar = tqdm(total=total, initial=initial, unit="row", file=sys.stderr, disable=not enabled,
                         dynamic_ncols=True, smoothing=0.1)
 
@@ -22,8 +32,16 @@ class ProgressBar:
         self.bar.update(1)
         s = self.stats
         self.bar.set_postfix_str(
-            f"ok={s.ok} err={sum(s.errors.values())} tok={s.input_tokens}+{s.output_tokens}", refresh=False
+            f"ok={s.ok} err={sum(s.errors.values())} tok={s.input_tokens}+{s.output_tokens}{self.money()}", refresh=False
         )
+
+    def money(self) -> str:
+        """`` $spent of ~$projected`` (all runs into the folder), or nothing when the price is unknown."""
+        spent = self.meter.total_usd() if self.meter else None
+        if spent is None:
+            return ""
+        projected = self.meter.projected_usd(self.bar.n, self.bar.total)
+        return f" ${usd(spent)}" + (f" of ~${usd(projected)}" if projected is not None else "")
 
     def close(self) -> None:
         self.bar.close()
@@ -39,6 +57,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"({summary['rows_per_s']:.1f} rows/s), {summary['requests']} requests, {summary['retries']} retries, "
         f"tokens in/out {summary['input_tokens']}/{summary['output_tokens']} (all runs)",
     ]
+    if summary.get("cost_usd") is not None:
+        this_run = summary.get("cost_usd_this_run")
+        lines.append(f"cost: ${usd(summary['cost_usd'])} for {summary.get('paid_input_tokens', 0)}/"
+                     f"{summary.get('paid_output_tokens', 0)} tokens paid (all runs; this run ${usd(this_run or 0)}) "
+                     f"at {_prices_text(summary.get('prices') or {})}")
     if summary.get("output_dir"):
         lines.append(f"output: {summary['output_dir']}")
     return "\n".join(lines)
+
+
+def _prices_text(prices: dict[str, Any]) -> str:
+    return (f"${prices.get('input_per_mtok'):g} in / ${prices.get('output_per_mtok'):g} out per million tokens "
+            f"({prices.get('source')})")

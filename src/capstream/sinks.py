@@ -81,6 +81,7 @@ def write_card(store: RunStore, config: Config, summary: dict[str, Any]) -> None
         f"{summary.get('input_tokens', 0)} | {summary.get('output_tokens', 0)} |",
         "",
         *([f"Errors by kind: " + ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())), ""] if errors else []),
+        *([_cost_line(summary), ""] if summary.get("cost_usd") is not None else []),
         f"Complete: {'yes' if summary.get('complete') else 'no (the run can be resumed)'}. "
         f"Updated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",
@@ -99,6 +100,12 @@ def write_card(store: RunStore, config: Config, summary: dict[str, Any]) -> None
         "",
     ]
     atomic_write_bytes(store.dir / "README.md", "\n".join(lines).encode("utf-8"))
+
+
+def _cost_line(summary: dict[str, Any]) -> str:
+    prices = summary.get("prices") or {}
+    return (f"Cost: ${summary['cost_usd']:.4f} for every answer received, all runs (at ${prices.get('input_per_mtok'):g} "
+            f"input / ${prices.get('output_per_mtok'):g} output per million tokens; prices: {prices.get('source')}).")
 
 
 def write_summary(store: RunStore, summary: dict[str, Any]) -> None:

@@ -199,6 +199,25 @@ class RunStore:
                      if (good := {p: r for p, r in by_prompt.items() if r["e"] is None})}
         return found
 
+    def paid_tokens(self) -> tuple[int, int]:
+        """Input and output tokens of every answer in the results log: what all runs into this folder
+        paid for (an answer asked again with ``--retry-errors`` counts each time it was bought)."""
+        paid_in = paid_out = 0
+        if not self.results_path.exists():
+            return 0, 0
+        try:
+            with open(self.results_path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    paid_in += record.get("ti") or 0
+                    paid_out += record.get("to") or 0
+        except OSError as err:
+            raise RunStopped(f"cannot read {self.results_path}: {err.strerror or err}") from None
+        return paid_in, paid_out
+
     # -- during the run ----------------------------------------------------------------------------
 
     def log_answer(self, chunk_index: int, key: Any, prompt: str, answer: Any) -> None:
