@@ -310,7 +310,9 @@ class FakeHub:
         repo_id = f"{body.get('organization') or 'tester'}/{body['name']}"
         with self._lock:
             if repo_id in self.repos:
-                return web.json_response({"error": "You already created this dataset repo", "url": ""}, status=409)
+                # The Hub names the existing repo's URL; huggingface_hub's create_repo(exist_ok=True) returns it.
+                return web.json_response({"error": "You already created this dataset repo",
+                                          "url": f"{self.url}/datasets/{repo_id}"}, status=409)
             repo = self.repos[repo_id] = _Repo(repo_id, body.get("visibility", "public") == "private")
             repo.add_commit("main", "initial commit", {".gitattributes": _File(b"*.parquet filter=lfs diff=lfs merge=lfs -text\n", False)})
         return web.json_response({"url": f"{self.url}/datasets/{repo_id}", "name": repo_id})

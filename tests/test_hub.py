@@ -121,3 +121,130 @@ def test_read_caption_push_round_trip(hub, server, source_rows, tmp_path, stream
     assert sorted(hub.files("alice/captions")) == sorted([".gitattributes", "README.md"] + [f"data/{s}" for s in shards])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["hub"]["repo"] == "alice/captions" and summary["hub"]["shards"] == len(shards)
+
+
+def test_continuous_export_survives_a_kill(hub, server, source_rows, tmp_path):
+    """push_every: 1 pushes shards while the run goes on; SIGKILL mid-run, rerun: complete, no duplicates."""
+    rows, broken, parquet = source_rows
+    hub.add_repo("alice/images", {"data/train.parquet": parquet}, private=True)
+    server.latency = 0.05  # slow enough that the kill lands mid-run
+    out = tmp_path / "out"
+    config = hub_config(tmp_path, server.url, out, push_to_hub="alice/live", push_every=1)
+    log = open(tmp_path / "run1.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "capstream.cli", "run", str(config), "--no-progress",
+                             "--set", "limits.max_concurrency=2"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "FAKE_KEY": KEY})
+    try:
+        shards_on_hub = lambda: "alice/live" in hub.repos and sum(  # noqa: E731
+            p.endswith(".parquet") for p in hub.files("alice/live")) >= 2
+        assert hub.wait_for(shards_on_hub, timeout=120), (tmp_path / "run1.log").read_text()
+        assert proc.poll() is None, "the run ended before the kill"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        log.close()
+    marker = json.loads((out / ".capstream" / "pushed.json").read_text())
+    recorded = set(marker["alice/live@main:default/train"]["files"])
+    assert recorded and recorded <= set(hub.files("alice/live"))  # recorded only once committed
+    commits_before = len(hub.commits("alice/live"))
+
+    server.latency = 0
+    result = run_cli("run", str(config))
+    assert result.returncode == 0, result.stderr
+    check_rows(load_repo("alice/live"), rows, broken)  # every row exactly once
+    # The rerun did not send again a shard the Hub already had from the killed run.
+    added_after = [p for c in hub.commits("alice/live")[commits_before:] for p in c.added]
+    assert not recorded & set(added_after), recorded & set(added_after)
+    assert_no_secret(hub, "alice/live")
+
+
+def test_push_command_of_a_finished_run(hub, server, source_rows, tmp_path):
+    rows, broken, parquet = source_rows
+    data_file = write_parquet(tmp_path / "src.parquet", rows)
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", server.url, data_file, out, run={"chunk_size": 40})
+    assert run_cli("run", str(config)).returncode == 0
+    assert not (out / ".capstream" / "pushed.json").exists()  # no push_to_hub: nothing pushed
+
+    result = run_cli("push", str(out), "bob/pushed", "--public")
+    assert result.returncode == 0, result.stderr
+    assert "4 shard(s)" in result.stderr
+    assert not hub.repos["bob/pushed"].private
+    check_rows(load_repo("bob/pushed"), rows, broken)
+    assert_no_secret(hub, "bob/pushed")
+    # Pushing again sends nothing and makes no empty commit.
+    commits = len(hub.commits("bob/pushed"))
+    again = run_cli("push", str(out), "bob/pushed")
+    assert again.returncode == 0 and "0 pushed now" in again.stderr, again.stderr
+    assert len(hub.commits("bob/pushed")) == commits
+
+
+def test_push_names_config_split_and_branch(hub, server, source_rows, tmp_path):
+    rows, broken, parquet = source_rows
+    data_file = write_parquet(tmp_path / "src.parquet", rows[:50])
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", server.url, data_file, out, run={"chunk_size": 20})
+    assert run_cli("run", str(config)).returncode == 0
+    first = run_cli("push", str(out), "bob/multi")  # train of the default config, on main
+    assert first.returncode == 0, first.stderr
+    result = run_cli("push", str(out), "bob/multi", "--config-name", "short", "--split", "test",
+                     "--commit-message", "short captions")
+    assert result.returncode == 0, result.stderr
+    files = hub.files("bob/multi")
+    assert {"short/test-000000.parquet", "data/train-000000.parquet"} <= set(files)
+    assert hub.commit_messages("bob/multi")[-1] == "short captions"
+    # Both configs are in the card, so both load.
+    assert [r["id"] for r in load_repo("bob/multi", "short", split="test")] == list(range(50))
+    assert [r["id"] for r in load_repo("bob/multi", split="train")] == list(range(50))
+    branch = run_cli("push", str(out), "bob/multi", "--revision", "dev", "--split", "validation")
+    assert branch.returncode == 0, branch.stderr
+    assert "data/validation-000002.parquet" in hub.files("bob/multi", "dev")
+    assert "data/validation-000002.parquet" not in hub.files("bob/multi")
+    assert len(load_repo("bob/multi", split="validation", revision="dev")) == 50
+
+
+def test_silent_hub_stops_the_run_with_the_local_output_complete(hub, server, source_rows, tmp_path):
+    rows, broken, parquet = source_rows
+    data_file = write_parquet(tmp_path / "src.parquet", rows)
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", server.url, data_file, out,
+                          output={"push_to_hub": "alice/silent", "hub_timeout_s": 1})
+    hub.hang = True  # accepts every connection, never answers
+    result = run_cli("run", str(config), timeout=280)  # the issue's bound is 300 s
+    assert result.returncode == 1, result.stderr
+    assert "did not answer within 1 s" in result.stderr and "capstream push" in result.stderr
+    assert hub.calls["hang"] >= 4  # retried before giving up
+    check_output(out, rows, broken)  # the local output is complete and loads
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and "did not answer" in summary["hub"]["error"]
+
+    hub.hang = False  # the Hub is back: the push is retried later
+    pushed = run_cli("push", str(out), "alice/silent")
+    assert pushed.returncode == 0, pushed.stderr
+    check_rows(load_repo("alice/silent"), rows, broken)
+
+
+def test_transient_hub_errors_are_retried_and_refusals_explained(hub, server, source_rows, tmp_path):
+    rows, broken, parquet = source_rows
+    data_file = write_parquet(tmp_path / "src.parquet", rows[:40])
+    out = tmp_path / "out"
+    assert run_cli("run", str(write_config(tmp_path / "c.yaml", server.url, data_file, out))).returncode == 0
+
+    hub.fail("commit", 503, times=2)
+    hub.fail("preupload", 429, times=1)
+    result = run_cli("push", str(out), "carol/retried")
+    assert result.returncode == 0, result.stderr
+    assert hub.calls["commit"] == 3 and len(hub.commits("carol/retried")) == 2  # creation + one push
+    assert len(load_repo("carol/retried")) == 40
+
+    refused = run_cli("push", str(out), "carol/other", env={"HF_TOKEN": "hf_wrong"})
+    assert refused.returncode == 1
+    assert "HTTP 401" in refused.stderr and "HF_TOKEN" in refused.stderr and "hf_wrong" not in refused.stderr
+    assert "carol/other" not in hub.repos
+
+
+def test_push_of_a_folder_that_is_not_a_run(hub, tmp_path):
+    result = run_cli("push", str(tmp_path), "alice/x")
+    assert result.returncode == 2 and "not a capstream output folder" in result.stderr
+    bad = run_cli("push", str(tmp_path), "not-a-repo-id")
+    assert bad.returncode == 2
