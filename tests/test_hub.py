@@ -248,3 +248,30 @@ def test_push_of_a_folder_that_is_not_a_run(hub, tmp_path):
     assert result.returncode == 2 and "not a capstream output folder" in result.stderr
     bad = run_cli("push", str(tmp_path), "not-a-repo-id")
     assert bad.returncode == 2
+
+
+@pytest.mark.parametrize("layout,streaming", [("imagefolder", False), ("imagefolder", True),
+                                              ("relative-paths", False), ("relative-paths", True)])
+def test_images_stored_as_files_in_the_repo(hub, server, tmp_path, layout, streaming):
+    """Images as files of the repo: an imagefolder repo, or a table whose image paths are relative to the repo."""
+    from conftest import jpeg, size_of_row
+
+    n = 12
+    images = {f"pics/{i}.jpg": jpeg(*size_of_row(i)) for i in range(n)}
+    if layout == "imagefolder":
+        meta = "".join(json.dumps({"file_name": f"{i}.jpg", "id": i}) + "\n" for i in range(n))
+        files, dataset = {**images, "pics/metadata.jsonl": meta.encode()}, {"data_dir": "pics", "data_files": None}
+    else:
+        buf = io.BytesIO()
+        datasets.Dataset.from_dict({"id": list(range(n)), "image": [{"bytes": None, "path": f"pics/{i}.jpg"}
+                                                                    for i in range(n)]}).to_parquet(buf)
+        files, dataset = {**images, "table/train.parquet": buf.getvalue()}, {"data_files": "table/train.parquet"}
+    hub.add_repo("alice/files", files, private=True)
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", server.url, "unused", out, run={"chunk_size": 5},
+                          dataset={"path": "alice/files", "streaming": streaming, **dataset})
+    result = run_cli("run", str(config))
+    assert result.returncode == 0, result.stderr
+    ds = datasets.Dataset.from_parquet([str(p) for p in sorted((out / "data").glob("*.parquet"))])
+    assert ds["id"][:] == list(range(n))
+    assert ds["caption"][:] == [expected_caption(i) for i in range(n)], ds["error"][:]
