@@ -275,3 +275,30 @@ def test_images_stored_as_files_in_the_repo(hub, server, tmp_path, layout, strea
     ds = datasets.Dataset.from_parquet([str(p) for p in sorted((out / "data").glob("*.parquet"))])
     assert ds["id"][:] == list(range(n))
     assert ds["caption"][:] == [expected_caption(i) for i in range(n)], ds["error"][:]
+
+
+def test_card_reads_features_from_the_shards_and_tolerates_missing_keys(tmp_path):
+    """The card's YAML comes from the shard's schema; absent summary keys do not break it."""
+    from capstream.config import config_from_dict
+    from capstream.hub import _front_matter
+    from capstream.sinks import CardLayout, render_card
+
+    shard = tmp_path / "data" / "train-000000.parquet"
+    shard.parent.mkdir()
+    features = datasets.Features({"id": datasets.Value("int64"), "image": datasets.Image(),
+                                  "tags": datasets.List(datasets.Value("string")),
+                                  "caption": datasets.Value("string"), "error": datasets.Value("string")})
+    datasets.Dataset.from_dict({"id": [1], "image": [None], "tags": [["a"]], "caption": ["a cat"], "error": [None]},
+                               features=features).to_parquet(str(shard))
+    config = config_from_dict({"model": {"name": "m1", "base_url": "https://user:pw@example.com/v1"},
+                               "prompt": {"text": "Say what you see."}})
+    layout = CardLayout(split="train", data_glob="data/train-*.parquet", repo_id="u/r",
+                        other_configs=[{"config_name": "other", "data_files": "x/*.parquet"}])
+    card = render_card(tmp_path, config, {}, layout)  # an empty summary
+    header = _front_matter(card)
+    assert [c["config_name"] for c in header["configs"]] == ["other", "default"]
+    assert "a cat" in card and "Say what you see." in card and "example.com" in card and "pw" not in card
+    solo = _front_matter(render_card(tmp_path, config, {"cost_usd": 0.25, "rows": 1}, CardLayout(
+        split="train", data_glob="data/train-*.parquet")))
+    assert solo["dataset_info"]["features"] == features._to_yaml_list()
+    assert "cost (USD)" in render_card(tmp_path, config, {"cost_usd": 0.25}, layout)
