@@ -108,8 +108,9 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         "endpoint": endpoint_label(config),
         "output_dir": str(store.dir),
         "stopped": str(failure) if failure else None,
-        "started": (_previous_started(store) if resuming else None) or _iso(started),
-        "finished": _iso(time.time()) if store.complete else None,
+        "started": (_previous(store, "started") if resuming else None) or _iso(started),
+        # A finished run run again keeps its dates (and so its card).
+        "finished": ((_previous(store, "finished") if nothing_to_do else None) or _iso(time.time())) if store.complete else None,
     }
     write_summary(store, summary)
     write_card(store, config, summary)
@@ -132,10 +133,10 @@ def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _previous_started(store: RunStore) -> str | None:
-    """A resumed run keeps the first run's start date."""
+def _previous(store: RunStore, key: str) -> str | None:
+    """A date of the folder's previous summary: a resumed run keeps the first run's start date."""
     try:
-        return json.loads((store.dir / "summary.json").read_text()).get("started")
+        return json.loads((store.dir / "summary.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
 

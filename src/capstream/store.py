@@ -74,7 +74,7 @@ def _embed_image_files(values: list, base_dir: str | None) -> list:
     for v in values:
         if isinstance(v, dict) and v.get("bytes") is None and v.get("path"):
             path = v["path"]
-            if base_dir and not os.path.isabs(path) and not os.path.exists(path):
+            if base_dir and not os.path.isabs(path) and not path.startswith("hf://") and not os.path.exists(path):
                 path = f"{base_dir}/{path}" if base_dir.startswith("hf://") else os.path.join(base_dir, path)
             try:
                 if path.startswith("hf://"):  # a file of a Hub repo
