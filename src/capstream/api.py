@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import json
 import os
 import signal
 import sys
@@ -21,6 +23,7 @@ from typing import Any
 
 import datasets
 
+from . import hub
 from .captioner import Captioner, endpoint_label
 from .config import Config, resolve_config
 from .cost import BudgetGuard, CostMeter, Prices
@@ -66,11 +69,16 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
     if data is not None:
         fingerprint["dataset.fingerprint"] = getattr(data, "_fingerprint", None)
     store.check(fingerprint, config.run.chunk_size, overwrite=overwrite)  # before any download
+    if data is None or config.output.push_to_hub:
+        hub.bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
     src = open_source(config.dataset, data)
+    resuming = store.manifest_path.exists() and not overwrite
     store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
     atomic_write_json(store.state / "config.json", config.redacted())
+    exporter = hub.HubExporter.from_config(store.dir, config.output, config.dataset.split) if config.output.push_to_hub else None
 
-    runner = Runner(src, captioner, store, retry_errors=retry_errors)
+    runner = Runner(src, captioner, store, retry_errors=retry_errors,
+                    on_chunk_written=exporter.chunk_written if exporter else None)
     nothing_to_do = store.complete and not runner.skip_chunks ^ store.done_chunks
     meter = CostMeter(Prices.of(config.model), runner.stats, before=store.paid_tokens())
     if config.run.max_cost_usd is not None:
@@ -87,6 +95,8 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
     finally:
         bar.close()
         captioner.close()
+        if exporter is not None:
+            exporter.stop()
     totals = store.totals()
     summary = {
         **totals,
@@ -110,9 +120,21 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         "max_cost_usd": config.run.max_cost_usd,
         "output_dir": str(store.dir),
         "stopped": str(failure) if failure else None,
+        "started": (_previous(store, "started") if resuming else None) or _iso(started),
+        # A finished run run again keeps its dates (and so its card).
+        "finished": ((_previous(store, "finished") if nothing_to_do else None) or _iso(time.time())) if store.complete else None,
     }
     write_summary(store, summary)
     write_card(store, config, summary)
+    if exporter is not None and not isinstance(failure, Interrupted):
+        try:  # after the summary: the card pushed carries its dates and totals
+            pushed = exporter.finish()
+            summary["hub"] = {"repo": pushed.repo_id, "commit": pushed.commit, "shards": pushed.shards_on_hub}
+        except hub.HubError as err:
+            summary["hub"] = {"repo": config.output.push_to_hub, "error": str(err)}
+            failure = failure or err
+            summary["stopped"] = str(failure)
+        write_summary(store, summary)
     if failure is not None:
         failure.summary = summary
         raise failure
@@ -121,6 +143,18 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
 
 def _rounded(usd: float | None) -> float | None:
     return None if usd is None else round(usd, 6)
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _previous(store: RunStore, key: str) -> str | None:
+    """A date of the folder's previous summary: a resumed run keeps the first run's start date."""
+    try:
+        return json.loads((store.dir / "summary.json").read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _run_async(coro, runner: Runner, handle_signals: bool):

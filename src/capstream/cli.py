@@ -1,4 +1,4 @@
-"""``capstream run | validate | estimate``: a thin layer over the library.
+"""``capstream run | validate | estimate | push``: a thin layer over the library.
 
 Exit codes: 0 every row processed (rows with errors included), 1 the run stopped early (state saved,
 rerun to resume), 2 bad config or arguments (nothing started), 130 stopped by Ctrl-C (resumable).
@@ -39,6 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--sample", type=int, metavar="N",
                           help="read only the first N rows and scale to the row count in the metadata")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    push = sub.add_parser("push", help="push a run's output folder (finished or partial) to a Hub dataset repo")
+    push.add_argument("out_dir", help="the run's output folder (output.dir)")
+    push.add_argument("repo", help="Hub dataset id, e.g. user/name")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=None,
+                            help="create the repo private (the default, unless the run's config says otherwise)")
+    visibility.add_argument("--public", dest="private", action="store_false", help="create the repo public")
+    push.add_argument("--revision", help="branch to push to (created if missing)")
+    push.add_argument("--config-name", help="the dataset config the shards belong to (default: default)")
+    push.add_argument("--split", help="the split name on the Hub (default: the run's split)")
+    push.add_argument("--commit-message", help="message of every commit")
+    push.add_argument("--timeout", type=float, metavar="S", help="timeout of every Hub request in seconds")
     return parser
 
 
@@ -90,12 +103,28 @@ def _run(args) -> int:
     return EXIT_OK
 
 
+def _push(args) -> int:
+    from .hub import HubError, push_target, push_folder
+
+    target = push_target(args.out_dir, args.repo, private=args.private, revision=args.revision,
+                         config_name=args.config_name, split=args.split, commit_message=args.commit_message,
+                         timeout_s=args.timeout)
+    try:
+        result = push_folder(args.out_dir, target)
+    except HubError as err:
+        print(f"capstream: push failed: {err}", file=sys.stderr)
+        return EXIT_STOPPED
+    print(f"capstream: {result.shards_on_hub} shard(s) on {result.url} ({result.shards_pushed} pushed now; "
+          f"commit {result.commit})", file=sys.stderr)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="capstream: %(message)s")
     try:
-        return {"run": _run, "validate": _validate, "estimate": _estimate}[args.command](args)
+        return {"run": _run, "validate": _validate, "estimate": _estimate, "push": _push}[args.command](args)
     except ConfigError as err:
         print(f"capstream: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -110,6 +110,28 @@ class OutputConfig(_Section):
     dir: str | None = None
     caption_column: str = "caption"
     error_column: str = "error"
+    # The Hub (hub.py): where the run's folder is pushed, and how. None: no push.
+    push_to_hub: str | None = None
+    private: bool = True
+    config_name: str = "default"
+    split: str | None = None  # None: the source split
+    commit_message: str | None = None
+    revision: str | None = None
+    push_every: int | str | None = None  # finished shards (int) or a time ("30s", "10m", "1h")
+    hub_timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        if v is not None and not _REPO_ID.fullmatch(v):
+            raise ValueError("expected a Hub dataset id such as user/name")
+        return v
+
+    @field_validator("push_every")
+    @classmethod
+    def _push_every(cls, v: int | str | None) -> int | str | None:
+        push_every_seconds(v)  # raises ValueError with the accepted forms
+        return v
 
     @field_validator("error_column")
     @classmethod
@@ -175,6 +197,27 @@ class Config(_Section):
         if data["model"].get("base_url"):
             data["model"]["base_url"] = redact_url(data["model"]["base_url"])
         return data
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*")
+
+
+def push_every_seconds(value: int | str | None) -> tuple[int | None, float | None]:
+    """``output.push_every`` as (shards, seconds): ``5`` -> (5, None), ``"10m"`` -> (None, 600.0)."""
+    if value is None:
+        return None, None
+    if isinstance(value, bool):
+        raise ValueError("expected a number of shards or a time such as 30s, 10m, 1h")
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        shards = int(value)
+        if shards < 1:
+            raise ValueError("a number of shards must be at least 1")
+        return shards, None
+    match = _DURATION.fullmatch(value)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError("expected a number of shards or a time such as 30s, 10m, 1h")
+    return None, float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")

@@ -43,7 +43,8 @@ class Runner:
     """One pass over a source into a store. Use once: ``await Runner(...).run()``."""
 
     def __init__(self, source: Source, captioner: Captioner, store: RunStore, *, retry_errors: bool = False,
-                 progress: Callable[[RowResult], None] | None = None, drain_timeout_s: float | None = None):
+                 progress: Callable[[RowResult], None] | None = None, drain_timeout_s: float | None = None,
+                 on_chunk_written: Callable[[int], None] | None = None):
         self.source = source
         # Chunks not to read at all: every written shard, except (with retry_errors) those with errors.
         self.skip_chunks = store.done_chunks - (store.chunks_with_errors() if retry_errors else set())
@@ -52,6 +53,7 @@ class Runner:
         self.store = store
         self.config = captioner.config
         self.progress = progress or (lambda result: None)
+        self.on_chunk_written = on_chunk_written  # called (in the loop, must not block) once a shard is recorded
         self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else self.config.model.timeout_s + 5
         added = {name: feature for prompt in captioner.prompts for name, feature in prompt.columns().items()}
         self.features = output_features(source.features, added, self.config.output.error_column)
@@ -206,6 +208,8 @@ class Runner:
             for r in results:
                 counts.add(r)
             self.store.mark_done(chunk.index, counts.as_counts())
+            if self.on_chunk_written is not None:
+                self.on_chunk_written(chunk.index)
         except RunStopped as err:
             self._fail(err)
         finally:

@@ -129,8 +129,10 @@ def _read_file(path: str | os.PathLike, base_dir: str | None, max_bytes: int) ->
     name = os.fsdecode(path)
     if not name:
         raise ImageError("no image in this row")
-    if base_dir and not os.path.isabs(name):
-        name = os.path.join(base_dir, name)
+    if base_dir and not os.path.isabs(name) and not name.startswith("hf://"):
+        name = f"{base_dir.rstrip('/')}/{name}" if base_dir.startswith("hf://") else os.path.join(base_dir, name)
+    if name.startswith("hf://"):
+        return _read_hub_file(name, max_bytes)
     try:
         with open(name, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -145,6 +147,26 @@ def _read_file(path: str | os.PathLike, base_dir: str | None, max_bytes: int) ->
         raise ImageError(f"permission denied: {name}") from None
     except OSError as e:
         raise ImageError(f"cannot read {name}: {e.strerror or e}") from None
+    if not data:
+        raise ImageError(f"empty file: {name}")
+    return data
+
+
+def _read_hub_file(name: str, max_bytes: int) -> bytes:
+    """A file in a Hub repo (``hf://datasets/user/name@rev/path``), read with the user's token."""
+    from huggingface_hub import HfFileSystem
+
+    try:
+        with HfFileSystem().open(name, "rb") as f:
+            if f.size is not None and f.size > max_bytes:
+                raise ImageError(f"file too large: {name} ({f.size} bytes, limit {max_bytes})")
+            data = f.read()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"file not found: {name}") from None
+    except Exception as e:  # the Hub client's errors (HTTP, timeouts): the row's, the run goes on
+        raise ImageError(f"cannot read {name}: {type(e).__name__}") from None
     if not data:
         raise ImageError(f"empty file: {name}")
     return data

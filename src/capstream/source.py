@@ -11,13 +11,18 @@ first corrupt image and would make us re-encode every image when writing the out
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
+from urllib.parse import quote
 
 import datasets
 
 from .config import DatasetConfig
 from .errors import ConfigError, RunStopped
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass
@@ -95,6 +100,7 @@ def _cast_images(ds: datasets.Dataset | datasets.IterableDataset, column: str):
 
 def open_source(cfg: DatasetConfig, data: Any = None) -> Source:
     """Open ``data`` (a Dataset / IterableDataset / DatasetDict) or what ``cfg`` names."""
+    from_config = data is None
     if data is None:
         if not cfg.path:
             raise ConfigError("dataset.path: required (a Hub dataset id, a local folder, or a builder such as parquet)")
@@ -109,6 +115,9 @@ def open_source(cfg: DatasetConfig, data: Any = None) -> Source:
         data = data.take(cfg.limit) if isinstance(data, datasets.IterableDataset) else data.select(range(min(cfg.limit, len(data))))
     data = _cast_images(data, cfg.image_column)
     base_dir = cfg.path if cfg.path and os.path.isdir(cfg.path) else (cfg.data_dir if cfg.data_dir and os.path.isdir(cfg.data_dir) else None)
+    if base_dir is None and from_config and _HUB_ID.fullmatch(cfg.path) and not os.path.exists(cfg.path):
+        # A Hub repo: image paths relative to the repo's root are read from the repo (images.py, hf://).
+        base_dir = f"hf://datasets/{cfg.path}@{quote(cfg.revision or 'main', safe='')}"
     return Source(data=data, image_column=cfg.image_column, base_dir=base_dir)
 
 
@@ -125,6 +134,15 @@ def _load(cfg: DatasetConfig):
 
         kwargs["fragment_scan_options"] = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
     try:
+        if cfg.streaming:
+            # As load_dataset(streaming=True) does, but a folder builder (imagefolder) reading the Hub
+            # would decode every image into PIL first (datasets 5.2): keep them as bytes/paths.
+            split = kwargs.pop("split")
+            kwargs.pop("streaming")
+            builder = datasets.load_dataset_builder(cfg.path, **kwargs)
+            if hasattr(builder.config, "decode_num_threads"):
+                builder.config.decode_num_threads = 0
+            return builder.as_streaming_dataset(split=split)
         return datasets.load_dataset(cfg.path, **kwargs)
     except FileNotFoundError as err:
         raise ConfigError(f"dataset.path: {cfg.path!r} not found: {err}") from None

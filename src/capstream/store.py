@@ -27,7 +27,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ConfigError, RunStopped
+from .errors import ConfigError, ImageError, RunStopped
+from .images import load_image_bytes
 
 STATE_DIR = ".capstream"
 
@@ -75,12 +76,15 @@ def _embed_image_files(values: list, base_dir: str | None) -> list:
     for v in values:
         if isinstance(v, dict) and v.get("bytes") is None and v.get("path"):
             path = v["path"]
-            if base_dir and not os.path.isabs(path) and not os.path.exists(path):
-                path = os.path.join(base_dir, path)
+            if base_dir and not os.path.isabs(path) and not path.startswith("hf://") and not os.path.exists(path):
+                path = f"{base_dir}/{path}" if base_dir.startswith("hf://") else os.path.join(base_dir, path)
             try:
-                with open(path, "rb") as f:
-                    v = {"bytes": f.read(), "path": os.path.basename(path)}
-            except OSError:
+                if path.startswith("hf://"):  # a file of a Hub repo
+                    v = {"bytes": load_image_bytes(path), "path": path.rsplit("/", 1)[-1]}
+                else:
+                    with open(path, "rb") as f:
+                        v = {"bytes": f.read(), "path": os.path.basename(path)}
+            except (OSError, ImageError):
                 pass  # keep the path: the row's error column already says the image was unusable
         out.append(v)
     return out
