@@ -58,6 +58,11 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
     """
     started = time.time()  # the run's time includes opening the dataset
     config, data = _with_source(resolve_config(config), source)
+    if config.run.backend == "ray":  # Ray is imported only here
+        from .ray_backend import run_on_ray
+
+        return run_on_ray(config, data, llm=llm, overwrite=overwrite, retry_errors=retry_errors,
+                          show_progress=show_progress)
     captioner = Captioner(config, llm=llm)  # checks the key before anything is read
     out_dir = config.output.dir or tempfile.mkdtemp(prefix="capstream-")
     store = RunStore(out_dir, config.dataset.split)

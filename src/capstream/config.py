@@ -81,6 +81,8 @@ class RunConfig(_Section):
     window_chunks: int = Field(default=8, ge=1)
     prep_threads: int = Field(default=2, ge=1)
     workers: int = Field(default=1, ge=1)
+    backend: Literal["local", "ray"] = "local"  # ray: Ray Data reads, caption actors, one global limit
+    ray_address: str | None = None  # the Ray cluster to join (null: RAY_ADDRESS, else a local Ray)
 
 
 class OutputConfig(_Section):
