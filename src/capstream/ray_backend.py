@@ -209,11 +209,14 @@ class RayRun:
         self.pending: dict[Any, _Chunk] = {}
         try:
             self._dispatch(ds, logged)
+            while self.pending and self.failure is None:
+                self._collect(block=True)
         except KeyboardInterrupt:
             self.interrupted = True
         finally:
-            self._stop_workers()
-            self._drain()
+            if self.pending:  # stopping: no new request; the ones in flight finish
+                self._stop_workers()
+                self._drain()
             self.broker_rates = ray.get(broker.rates.remote())
             for counts in ray.get([w.close.remote() for w in self.workers]):
                 self.stats.requests += counts["requests"]
@@ -317,6 +320,9 @@ class RayRun:
         deadline = time.monotonic() + self.config.model.timeout_s + 30
         while self.pending and time.monotonic() < deadline:
             self._collect(block=True, timeout=max(0.0, deadline - time.monotonic()))
+        if self.pending and self.failure is None:
+            self.failure = RunStopped(f"{len(self.pending)} chunks still unanswered {self.config.model.timeout_s + 30:.0f} s "
+                                      f"after the stop; their answers so far are logged")
 
 
 def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: bool = False,
