@@ -148,3 +148,18 @@ def test_llm_in_code_is_refused_on_ray(key, server, tmp_path):
     with pytest.raises(ConfigError, match="llm="):
         capstream.run(_config(server, data, tmp_path / "out"), llm=object(), show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_given_in_code_goes_through_ray_data(local_ray, key, server, tmp_path):
+    """Not parquet files: what capstream opens (here a Dataset in code) reaches Ray via from_huggingface."""
+    import datasets
+
+    from conftest import FEATURES
+
+    rows, broken = make_rows(40, broken_every=20)
+    ds = datasets.Dataset.from_list(rows, features=FEATURES)
+    config = _config(server, "unused", tmp_path / "out")
+    del config["dataset"]
+    out = capstream.caption_dataset(ds, config, show_progress=False)
+    assert len(out) == 40 and server.requests == 40 - len(broken)
+    check_output(tmp_path / "out", rows, broken)
