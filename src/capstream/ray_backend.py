@@ -188,6 +188,7 @@ class RayRun:
         self.failure: RunStopped | None = None
         self.interrupted = False
         self.chunk_count = 0
+        self.first_sent: float | None = None  # when the first chunk went to a worker
 
     def run(self, ds, features, base_dir: str | None) -> None:
         import ray
@@ -260,6 +261,8 @@ class RayRun:
                 return
 
     def _send(self, chunk: _Chunk, keys: list, images: list) -> None:
+        if self.first_sent is None:
+            self.first_sent = time.time()
         chunk.worker = min(range(len(self.workers)), key=self.load.__getitem__)  # the least loaded
         self.load[chunk.worker] += len(keys)
         self.pending[self.workers[chunk.worker].caption_chunk.remote(chunk.index, keys, images)] = chunk
@@ -383,6 +386,8 @@ def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: 
         "stopped": str(failure) if failure else None,
         "backend": "ray",
         "ray_workers": config.run.workers,
+        # Starting Ray, its first read and the actors, until the first chunk goes out.
+        "startup_s": round(runner.first_sent - started, 3) if runner.first_sent else None,
     }
     write_summary(store, summary)
     write_card(store, config, summary)
