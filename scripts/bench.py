@@ -53,6 +53,7 @@ class Scenario:
     streaming: bool = False
     ceiling: float | None = None  # rows/s a perfect client reaches
     seed: bool = True  # also run the seed's approach
+    compare_local: bool = False  # also run the local backend (fast server, no limit) and compare outputs
     note: str = ""
 
 
@@ -68,6 +69,10 @@ SCENARIOS = [
              limits={"requests_per_minute": 600}, ceiling=10.0, note="server allows 600/min; 600 configured"),
     Scenario("rpm-600-unconfigured", 900, 32, 100, ["--latency", "0.2", "--rpm-limit", "600"],
              ceiling=10.0, note="server allows 600/min; no limit configured"),
+    Scenario("ray-rpm-600-workers-2", 1200, 32, 100, ["--latency", "0.2", "--rpm-limit", "600"],
+             limits={"requests_per_minute": 600}, run={"backend": "ray", "workers": 2}, ceiling=10.0, seed=False,
+             compare_local=True, note="run.backend: ray, 2 workers, one global limit; server allows 600/min, "
+                                      "600 configured; seconds include starting Ray"),
     Scenario("stream-memory-4000", 4000, 32, 256, ["--latency", "0"], streaming=True, note="peak RSS"),
     Scenario("stream-memory-16000", 16000, 32, 256, ["--latency", "0"], streaming=True, note="peak RSS"),
 ]
@@ -148,10 +153,10 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
     return time.monotonic() - started, usage.ru_maxrss / 1024, text
 
 
-def run_capstream(sc: Scenario, url: str, data: Path, work: Path) -> dict:
+def run_capstream(sc: Scenario, url: str, data: Path, work: Path, out: Path | None = None) -> dict:
     import yaml
 
-    out = work / f"out-{sc.name}"
+    out = out or work / f"out-{sc.name}"
     config = {
         "dataset": {"path": "parquet", "data_files": str(data), "streaming": sc.streaming},
         "model": {"provider": "openai", "name": "fake-vlm", "base_url": url, "api_key_env": None, "timeout_s": 60},
@@ -164,7 +169,8 @@ def run_capstream(sc: Scenario, url: str, data: Path, work: Path) -> dict:
     path.write_text(yaml.safe_dump(config))
     wall, rss, _ = run_measured([sys.executable, "-m", "capstream.cli", "run", str(path), "--no-progress", "--overwrite"])
     summary = json.loads((out / "summary.json").read_text())
-    return {"wall": wall, "rss": rss, "seconds": summary["seconds"], "ok": summary["ok"], "rows": summary["rows"]}
+    return {"wall": wall, "rss": rss, "seconds": summary["seconds"], "ok": summary["ok"], "rows": summary["rows"],
+            "startup_s": summary.get("startup_s")}
 
 
 def run_seed(sc: Scenario, url: str, data: Path) -> dict:
@@ -223,7 +229,26 @@ def measure(sc: Scenario, work: Path) -> list[dict]:
         print(f"  {side:9s} {result['rows']} rows in {result['seconds']:.1f}s = {result['rate']:.1f} rows/s, "
               f"{result['r429']} x 429, peak {result['rss']:.0f} MB", file=sys.stderr, flush=True)
         rows.append(result)
+    if sc.compare_local:
+        rows[0]["same_as_local"] = same_as_local(sc, data, work)
+        print(f"  output equals the local backend's: {rows[0]['same_as_local']}", file=sys.stderr, flush=True)
     return rows
+
+
+def same_as_local(sc: Scenario, data: Path, work: Path) -> bool:
+    """Run the local backend on the same data (fast server, no limit) and compare every shard."""
+    import pyarrow.parquet as pq
+
+    local = Scenario(sc.name + "-local", sc.rows, sc.concurrency, sc.chunk, ["--latency", "0"])
+    server = Server(local.server_args)
+    try:
+        run_capstream(local, server.url, data, work)
+    finally:
+        server.stop()
+    mine = sorted((work / f"out-{sc.name}" / "data").glob("*.parquet"))
+    theirs = sorted((work / f"out-{local.name}" / "data").glob("*.parquet"))
+    return [p.name for p in mine] == [p.name for p in theirs] and all(
+        pq.read_table(a).equals(pq.read_table(b)) for a, b in zip(mine, theirs))
 
 
 def table(results: list[dict]) -> str:
@@ -271,6 +296,11 @@ def main() -> None:
         results.extend(measure(sc, work))
     print(f"\n{machine()}, {time.strftime('%Y-%m-%d')}\n")
     print(table(results))
+    for r in results:
+        if "same_as_local" in r:
+            print(f"\n{r['scenario']}: output equals the local backend's: {'yes' if r['same_as_local'] else 'NO'}; "
+                  f"{r['startup_s']:.1f} s of the {r['seconds']:.1f} s went to starting Ray, its first read and "
+                  f"the actors; after that {r['requests'] / (r['seconds'] - r['startup_s']) * 60:.0f} requests/minute")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import threading
 import pytest
 from PIL import Image
 
-from capstream import run
 from capstream.captioner import Captioner, Stats
 from capstream.config import Config, config_from_dict
 from capstream.cost import CostMeter, Prices

@@ -172,7 +172,7 @@ def test_config_error_exits_2_and_unreadable_dataset_exits_1(small_parquet, tmp_
 
 def test_tiktoken_is_used_when_it_knows_the_model(monkeypatch):
     cfg = config_from_dict({"prompt": {"text": "one two three", "system": "be brief"}})
-    assert prompt_tokens(cfg.prompt, "gpt-4o") == (4 + 4 + 2 + 4, APPROXIMATION)  # forced by the env var
+    assert prompt_tokens(cfg.prompt.text, cfg.prompt.system, "gpt-4o") == (4 + 4 + 2 + 4, APPROXIMATION)  # forced by the env var
     monkeypatch.delenv("CAPSTREAM_NO_TIKTOKEN")
 
     class Encoding:
@@ -187,8 +187,8 @@ def test_tiktoken_is_used_when_it_knows_the_model(monkeypatch):
         return Encoding()
 
     monkeypatch.setitem(sys.modules, "tiktoken", types.SimpleNamespace(encoding_for_model=encoding_for_model))
-    assert prompt_tokens(cfg.prompt, "gpt-4o") == (3 + 3 + 2 + 3 + 3, "tiktoken (fake_base)")
-    assert prompt_tokens(cfg.prompt, "my-local-model")[1] == APPROXIMATION
+    assert prompt_tokens(cfg.prompt.text, cfg.prompt.system, "gpt-4o") == (3 + 3 + 2 + 3 + 3, "tiktoken (fake_base)")
+    assert prompt_tokens(cfg.prompt.text, cfg.prompt.system, "my-local-model")[1] == APPROXIMATION
 
 
 def test_image_rules():
@@ -207,3 +207,17 @@ def test_image_rules():
             for rule in rules:
                 for detail in ("low", "high"):
                     assert rule.tokens(*a, detail) == rule.tokens(*b, detail)
+
+
+def test_estimate_counts_one_request_per_prompt(server, small_parquet, tmp_path):
+    small_parquet, _ = small_parquet
+    config = write_config(tmp_path / "c.yaml", server.url, small_parquet, tmp_path / "out", image={"detail": "low"},
+                          prompts={"short": {"text": "Short.", "max_tokens": 50}, "long": {"text": "Long caption."}})
+    one = write_config(tmp_path / "one.yaml", server.url, small_parquet, tmp_path / "out1", image={"detail": "low"},
+                       prompt={"text": "Short."})
+    two, single = (one_json_object(run_cli("estimate", str(c), "--json").stdout) for c in (config, one))
+    usable = single["requests"]
+    assert (two["rows"], two["requests"], two["unusable_images"]) == (30, 2 * usable, 30 - usable)
+    assert two["image_tokens"] == 2 * single["image_tokens"] == 2 * usable * 85
+    assert two["output_tokens"] == usable * (50 + 300)
+    assert server.requests == 0

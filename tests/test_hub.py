@@ -304,4 +304,4 @@ def test_card_reads_features_from_the_shards_and_tolerates_missing_keys(tmp_path
     solo = _front_matter(render_card(tmp_path, config, {"cost_usd": 0.25, "rows": 1}, CardLayout(
         split="train", data_glob="data/train-*.parquet")))
     assert solo["dataset_info"]["features"] == features._to_yaml_list()
-    assert "cost (USD)" in render_card(tmp_path, config, {"cost_usd": 0.25}, layout)
+    assert "Cost: $0.2500" in render_card(tmp_path, config, {"cost_usd": 0.25}, layout)

@@ -24,7 +24,7 @@ from typing import Any
 import datasets
 
 from . import hub
-from .captioner import Captioner, endpoint_label
+from .captioner import Captioner, Stats, endpoint_label
 from .config import Config, resolve_config
 from .cost import BudgetGuard, CostMeter, Prices
 from .engine import Interrupted, Runner
@@ -62,6 +62,11 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
     """
     started = time.time()  # the run's time includes opening the dataset
     config, data = _with_source(resolve_config(config), source)
+    if config.run.backend == "ray":  # Ray is imported only here
+        from .ray_backend import run_on_ray
+
+        return run_on_ray(config, data, llm=llm, overwrite=overwrite, retry_errors=retry_errors,
+                          show_progress=show_progress)
     captioner = Captioner(config, llm=llm)  # checks the key before anything is read
     out_dir = config.output.dir or tempfile.mkdtemp(prefix="capstream-")
     store = RunStore(out_dir, config.dataset.split)
@@ -97,20 +102,8 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         captioner.close()
         if exporter is not None:
             exporter.stop()
-    totals = store.totals()
     summary = {
-        **totals,
-        "complete": store.complete,
-        "rows_this_run": runner.stats.rows,
-        "rows_from_log": runner.rows_from_log,
-        "requests": runner.stats.requests,
-        "retries": runner.stats.retries,
-        "worker_requests": runner.stats.worker_requests,
-        "reused": dict(runner.stats.reused),  # answers not bought this run: from the cache or an identical image
-        "seconds": round(time.time() - started, 3),
-        "rows_per_s": round(runner.stats.rows / max(1e-9, time.time() - started), 2),
-        "model": config.model.name,
-        "endpoint": endpoint_label(config),
+        **run_summary(config, store, runner.stats, runner.rows_from_log, started, failure),
         # What every run into this folder paid for (the results log), and what this one did.
         "paid_input_tokens": meter.tokens()[0],
         "paid_output_tokens": meter.tokens()[1],
@@ -118,8 +111,6 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         "cost_usd_this_run": _rounded(meter.this_run_usd()),
         "prices": meter.prices.as_dict(),
         "max_cost_usd": config.run.max_cost_usd,
-        "output_dir": str(store.dir),
-        "stopped": str(failure) if failure else None,
         "started": (_previous(store, "started") if resuming else None) or _iso(started),
         # A finished run run again keeps its dates (and so its card).
         "finished": ((_previous(store, "finished") if nothing_to_do else None) or _iso(time.time())) if store.complete else None,
@@ -139,6 +130,28 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         failure.summary = summary
         raise failure
     return RunResult(summary, store)
+
+
+def run_summary(config: Config, store: RunStore, stats: Stats, rows_from_log: int, started: float,
+                failure: RunStopped | None) -> dict[str, Any]:
+    """The summary's keys every backend reports: the folder's totals and this run's counts."""
+    seconds = time.time() - started
+    return {
+        **store.totals(),
+        "complete": store.complete,
+        "rows_this_run": stats.rows,
+        "rows_from_log": rows_from_log,
+        "requests": stats.requests,
+        "retries": stats.retries,
+        "worker_requests": stats.worker_requests,
+        "reused": dict(stats.reused),  # answers not bought this run: from the cache or an identical image
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(stats.rows / max(1e-9, seconds), 2),
+        "model": config.model.name,
+        "endpoint": endpoint_label(config),
+        "output_dir": str(store.dir),
+        "stopped": str(failure) if failure else None,
+    }
 
 
 def _rounded(usd: float | None) -> float | None:

@@ -79,6 +79,31 @@ class RowResult:
         return sum(a.output_tokens for a in self.answers.values())
 
 
+def answers_from_log(records: dict[str, dict]) -> dict[str, PromptAnswer]:
+    """A row's logged answers (prompt name -> results-log record) as PromptAnswers."""
+    return {prompt: PromptAnswer(r["v"], r["e"], r["ti"], r["to"], source="log") for prompt, r in records.items()}
+
+
+def row_result(prompts: Sequence[Prompt], answers: dict[str, PromptAnswer]) -> RowResult | None:
+    """The row's result once every prompt has an answer (None before)."""
+    if not all(p.name in answers for p in prompts):
+        return None
+    return RowResult({p.name: answers[p.name] for p in prompts},
+                     combined_error(prompts, {p.name: answers[p.name].error for p in prompts}))
+
+
+def output_columns(prompts: Sequence[Prompt], error_column: str, results: Sequence[RowResult]) -> dict[str, list]:
+    """The prompts' columns and the error column for these results, in order."""
+    columns: dict[str, list] = {name: [] for p in prompts for name in p.columns()}
+    columns[error_column] = []
+    for result in results:
+        for prompt in prompts:
+            for name, value in prompt.values(result.answers[prompt.name].value).items():
+                columns[name].append(value)
+        columns[error_column].append(result.error)
+    return columns
+
+
 def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
@@ -208,8 +233,7 @@ class CaptionSession:
                 if stopped:  # a run-stopping failure outranks a request left unsent
                     raise next((o for o in stopped if not isinstance(o, NotSent)), stopped[0])
                 answers.update({p.name: o for p, o in zip(todo, outcomes)})
-        result = RowResult({p.name: answers[p.name] for p in self.prompts},
-                           combined_error(self.prompts, {name: a.error for name, a in answers.items()}))
+        result = row_result(self.prompts, answers)
         self.stats.add(result, tokens=False)
         return result
 
@@ -362,17 +386,7 @@ class Captioner:
 
     def output_columns(self, results: Sequence[RowResult]) -> dict[str, list]:
         """The prompts' columns and the error column for these results."""
-        columns: dict[str, list] = {}
-        for prompt in self.prompts:
-            for name in prompt.columns():
-                columns[name] = []
-        columns[self.config.output.error_column] = []
-        for result in results:
-            for prompt in self.prompts:
-                for name, value in prompt.values(result.answers[prompt.name].value).items():
-                    columns[name].append(value)
-            columns[self.config.output.error_column].append(result.error)
-        return columns
+        return output_columns(self.prompts, self.config.output.error_column, results)
 
     # The background loop lives as long as the Captioner, so the HTTP client and buckets are reused
     # across map batches (and the rate limits hold across them).

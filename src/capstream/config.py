@@ -104,6 +104,8 @@ class RunConfig(_Section):
     cache_dir: str | None = None  # null: $CAPSTREAM_CACHE_DIR, else ~/.cache/capstream
     # Stop (resumable) once the USD spent into output.dir, all runs together, reaches this.
     max_cost_usd: float | None = Field(default=None, gt=0)
+    backend: Literal["local", "ray"] = "local"  # ray: Ray Data reads, caption actors, one global limit
+    ray_address: str | None = None  # the Ray cluster to join (null: RAY_ADDRESS, else a local Ray)
 
 
 class OutputConfig(_Section):

@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-from .captioner import Captioner, NotSent, PromptAnswer, RowResult, Stats
+from .captioner import Captioner, NotSent, PromptAnswer, RowResult, Stats, answers_from_log, row_result
 from .errors import RunStopped
-from .prompts import check_placeholders, combined_error
+from .prompts import check_placeholders
 from .source import Chunk, Source
 from .store import RunStore, output_features
 
@@ -135,12 +135,9 @@ class Runner:
                 self.window.release()
                 return
             for offset, key in enumerate(keys):
-                known = {prompt: PromptAnswer(r["v"], r["e"], r["ti"], r["to"], source="log")
-                         for prompt, r in self.logged.pop(key, {}).items()}
-                if known and all(p.name in known for p in self.captioner.prompts):
+                known = answers_from_log(self.logged.pop(key, {}))
+                if (result := row_result(self.captioner.prompts, known)) is not None:
                     self.rows_from_log += 1
-                    result = RowResult({p.name: known[p.name] for p in self.captioner.prompts})
-                    result.error = combined_error(self.captioner.prompts, {n: a.error for n, a in result.answers.items()})
                     self._row_done(state, offset, result)
                     continue
                 if not await self._acquire_unless_stopped(self.row_slots):

@@ -24,10 +24,11 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
-from .config import Config, PromptConfig
+from .config import Config
 from .errors import ConfigError, RunStopped
 from .images import load_image_bytes, looks_complete
 from .prices import cost_usd, image_rule, prices, sent_size
+from .prompts import compile_prompts
 from .source import Source, open_source
 
 _MAX_PIXELS = 128_000_000  # prepare_image's default: larger images are error rows in a run
@@ -119,24 +120,29 @@ def estimate(config: Config, *, sample: int | None = None, data: Any = None) -> 
             image_tokens += rule.tokens(*size, config.image.detail)
 
     rows, rows_exact, rows_source = rows_read, True, "counted"
-    requests = usable
     if sample is not None and rows_read == sample:  # stopped early: the end was not reached
         known = known_row_count(source, config)
         if known is None or known < rows_read:  # no count, or one the data contradicts
             rows_exact, rows_source = False, "sample"
         elif known > rows_read:
             rows, rows_source = known, "metadata"
-            requests = round(usable * known / rows_read)
+            usable = round(usable * known / rows_read)
             image_tokens = round(image_tokens * known / rows_read)
 
-    per_request, method = prompt_tokens(config.prompt, config.model.name)
-    input_tokens = image_tokens + requests * per_request
+    # One request per usable image and prompt (prompts: several); each sends the image again.
+    prompts = compile_prompts(config)
+    requests = usable * len(prompts)
+    image_tokens *= len(prompts)
+    counted = [prompt_tokens(p.text, p.system, config.model.name) for p in prompts]
+    per_request, method = round(sum(n for n, _ in counted) / len(prompts)), counted[0][1]
+    input_tokens = image_tokens + usable * sum(n for n, _ in counted)
     max_tokens = config.model.max_tokens
-    output_tokens = requests * max_tokens if max_tokens is not None else None
+    caps = [dict(p.options).get("max_tokens") or max_tokens for p in prompts]
+    output_tokens = usable * sum(caps) if None not in caps else None
     price_in, price_out, price_source = prices(config.model)
     return Estimate(
         rows=rows, rows_exact=rows_exact, rows_source=rows_source, rows_read=rows_read, requests=requests,
-        unusable_images=rows - requests, image_tokens=image_tokens, prompt_tokens_per_request=per_request,
+        unusable_images=rows - usable, image_tokens=image_tokens, prompt_tokens_per_request=per_request,
         prompt_token_method=method, image_token_rule=rule.describe(), input_tokens=input_tokens,
         max_tokens=max_tokens, output_tokens=output_tokens, model=config.model.name,
         price_input_per_mtok=price_in, price_output_per_mtok=price_out, price_source=price_source,
@@ -217,9 +223,10 @@ def image_size(value: Any, to_send: Callable[[int, int], tuple[int, int]], base_
 # ------------------------------------------------------------------------------ prompt and cost
 
 
-def prompt_tokens(prompt: PromptConfig, model: str) -> tuple[int, str]:
-    """Text tokens of one request's messages, and how they were counted."""
-    texts = [t for t in (prompt.system, prompt.text) if t]
+def prompt_tokens(text: str, system: str | None, model: str) -> tuple[int, str]:
+    """Text tokens of one request's messages, and how they were counted (a ``{column}`` placeholder
+    counts as its own text: the row's values are not read)."""
+    texts = [t for t in (system, text) if t]
     encoding = _tiktoken_encoding(model)
     if encoding is None:
         return sum(ceil(len(t) / 4) + 4 for t in texts), APPROXIMATION

@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import datasets
 import pyarrow as pa
@@ -94,12 +94,14 @@ class RunStore:
     """One run's ``output.dir``. Not thread-safe: the engine calls it from its event loop only,
     except ``write_shard``, which touches nothing shared and runs in a worker thread."""
 
-    def __init__(self, out_dir: str | os.PathLike, split: str):
+    def __init__(self, out_dir: str | os.PathLike, split: str, *, results_name: str = "results.jsonl"):
         self.dir = Path(out_dir)
         self.split = split
         self.state = self.dir / STATE_DIR
         self.manifest_path = self.state / "manifest.json"
-        self.results_path = self.state / "results.jsonl"
+        # The log this process appends to; workers of the Ray backend each have their own
+        # (results-<worker>.jsonl) and every log is read on resume.
+        self.results_path = self.state / results_name
         self.manifest: dict[str, Any] = {}
         self._log = None
 
@@ -132,22 +134,26 @@ class RunStore:
                              "done": {}, "complete": False}
             self.state.mkdir(parents=True, exist_ok=True)
             self._save_manifest()
-        try:
-            self._repair_log_tail()
-        except OSError as err:
-            raise RunStopped(f"cannot use {self.results_path}: {err.strerror or err}") from None
+        for log in self.results_logs():
+            try:
+                self._repair_log_tail(log)
+            except OSError as err:
+                raise RunStopped(f"cannot use {log}: {err.strerror or err}") from None
 
     def _clear(self) -> None:
         for shard in self.shard_paths():
             shard.unlink()
-        for name in ("manifest.json", "results.jsonl"):
-            (self.state / name).unlink(missing_ok=True)
+        (self.state / "manifest.json").unlink(missing_ok=True)
+        for log in self.results_logs():
+            log.unlink()
 
-    def _repair_log_tail(self) -> None:
+    def results_logs(self) -> list[Path]:
+        """Every results log in the state folder: this process's and the Ray workers' ones."""
+        return sorted(self.state.glob("results*.jsonl")) if self.state.is_dir() else []
+
+    def _repair_log_tail(self, log: Path) -> None:
         """A kill mid-write can leave half a line at the end: cut it so appends start on a clean line."""
-        if not self.results_path.exists():
-            return
-        with open(self.results_path, "rb+") as f:
+        with open(log, "rb+") as f:
             end = f.seek(0, os.SEEK_END)
             pos = end
             while pos > 0:  # back, block by block, to the last newline
@@ -181,46 +187,45 @@ class RunStore:
     def logged_results(self, skip_chunks: Iterable[int], *, ok_only: bool = False) -> dict[Any, dict[str, dict]]:
         """Answers already received for rows of chunks not skipped: key -> prompt name -> record.
 
-        The log is append-only, so an answer given twice (``--retry-errors``) has its newest one win.
+        A log is append-only, so an answer given twice (``--retry-errors``) has its newest one win.
+        Across several logs (Ray workers) there is no order: an answer without error wins over one
+        with, which is the same thing, since only answers with an error are ever asked again.
         """
         skip = set(skip_chunks)
-        found: dict[Any, dict] = {}
-        if not self.results_path.exists():
-            return found
-        try:
-            with open(self.results_path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if record["i"] not in skip:
-                        found.setdefault(_hashable(record["k"]), {})[record["p"]] = record
-        except OSError as err:
-            raise RunStopped(f"cannot read {self.results_path}: {err.strerror or err}") from None
+        found: dict[Any, dict[str, dict]] = {}
+        for log in self.results_logs():
+            in_log = {(_hashable(r["k"]), r["p"]): r for r in self._records(log) if r["i"] not in skip}
+            for (key, prompt), record in in_log.items():
+                by_prompt = found.setdefault(key, {})
+                if prompt not in by_prompt or by_prompt[prompt]["e"] is not None:
+                    by_prompt[prompt] = record
         if ok_only:
             found = {k: good for k, by_prompt in found.items()
                      if (good := {p: r for p, r in by_prompt.items() if r["e"] is None})}
         return found
 
     def paid_tokens(self) -> tuple[int, int]:
-        """Input and output tokens of every answer in the results log: what all runs into this folder
+        """Input and output tokens of every answer in the results logs: what all runs into this folder
         paid for (an answer asked again with ``--retry-errors`` counts each time it was bought)."""
         paid_in = paid_out = 0
-        if not self.results_path.exists():
-            return 0, 0
+        for log in self.results_logs():
+            for record in self._records(log):
+                paid_in += record.get("ti") or 0
+                paid_out += record.get("to") or 0
+        return paid_in, paid_out
+
+    @staticmethod
+    def _records(log: Path) -> Iterator[dict]:
+        """Every complete record of one results log (a line cut by a kill is skipped)."""
         try:
-            with open(self.results_path, encoding="utf-8") as f:
+            with open(log, encoding="utf-8") as f:
                 for line in f:
                     try:
-                        record = json.loads(line)
+                        yield json.loads(line)
                     except json.JSONDecodeError:
                         continue
-                    paid_in += record.get("ti") or 0
-                    paid_out += record.get("to") or 0
         except OSError as err:
-            raise RunStopped(f"cannot read {self.results_path}: {err.strerror or err}") from None
-        return paid_in, paid_out
+            raise RunStopped(f"cannot read {log}: {err.strerror or err}") from None
 
     # -- during the run ----------------------------------------------------------------------------
 
