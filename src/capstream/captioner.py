@@ -179,8 +179,9 @@ class CaptionSession:
         self._secret = api_key(cfg.model) if captioner.llm is None else None
         self._sent_size = sent_size(cfg.image, cfg.model.name)  # image.max_side and max_tokens_per_image
         # Answers bought earlier (the cache) or earlier in this run, and requests in flight, by
-        # content key: identical requests are paid once.
-        self.bought = ResponseCache(cfg.run.cache_dir or default_cache_dir()) if cfg.run.cache else RecentAnswers()
+        # content key: identical requests are paid once. The mock provider is free: nothing to keep.
+        keep = cfg.run.cache and cfg.model.provider != "mock"
+        self.bought = ResponseCache(cfg.run.cache_dir or default_cache_dir()) if keep else RecentAnswers()
         self._in_flight: dict[str, asyncio.Future] = {}
         self._asked_of = self._model_identity() if captioner.llm is None else {"llm": repr(captioner.llm)}
 
