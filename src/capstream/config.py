@@ -120,7 +120,7 @@ class OutputConfig(_Section):
     commit_message: str | None = None
     revision: str | None = None
     push_every: int | str | None = None  # finished shards (int) or a time ("30s", "10m", "1h")
-    hub_timeout_s: float = Field(default=60.0, gt=0)
+    hub_timeout_s: float = Field(default=30.0, gt=0)
 
     @field_validator("push_to_hub")
     @classmethod
