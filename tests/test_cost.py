@@ -11,7 +11,8 @@ import threading
 import pytest
 from PIL import Image
 
-from capstream.captioner import Captioner, Stats
+from capstream.captioner import Captioner
+from capstream.results import Stats
 from capstream.config import Config, config_from_dict
 from capstream.cost import CostMeter, Prices
 from capstream.errors import ConfigError
@@ -19,7 +20,7 @@ from capstream.images import image_size_after_prep, prepare_image
 from capstream.prices import (DEFAULT_IMAGE_RULE, Patches, Tiles, image_rule, image_tokens, min_image_tokens,
                               sent_size, size_within_budget)
 from capstream.progress import ProgressBar
-from conftest import FEATURES, check_output, jpeg, make_rows, run_cli, write_config, write_parquet
+from conftest import check_output, jpeg, make_rows, run_cli, write_config, write_parquet
 from fake_openai import image_tokens as server_image_tokens
 
 RULES = {"tiles 85+170": DEFAULT_IMAGE_RULE, "tiles 2833+5667": Tiles(2833, 5667),

@@ -12,7 +12,8 @@ or, as a batched map function:
 __version__ = "0.1.0"
 
 from .api import caption_dataset, load_output, run  # noqa: E402
-from .captioner import Captioner, RowResult  # noqa: E402
+from .captioner import Captioner  # noqa: E402
+from .results import PromptAnswer, RowResult  # noqa: E402
 from .config import Config, config_from_dict, load_config  # noqa: E402
 from .engine import Interrupted  # noqa: E402
 from .errors import CapstreamError, ConfigError, ImageError, RowError, RunStopped  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "load_output",
     "Captioner",
     "RowResult",
+    "PromptAnswer",
     "Config",
     "load_config",
     "config_from_dict",

@@ -24,7 +24,8 @@ from typing import Any
 import datasets
 
 from . import hub
-from .captioner import Captioner, Stats, endpoint_label
+from .captioner import Captioner, endpoint_label
+from .results import Stats
 from .config import Config, resolve_config
 from .cost import BudgetGuard, CostMeter, Prices
 from .engine import Interrupted, Runner

@@ -20,7 +20,7 @@ from .errors import RunStopped
 from .prices import cost_usd, prices
 
 if TYPE_CHECKING:
-    from .captioner import Stats
+    from .results import Stats
     from .config import ModelConfig
 
 

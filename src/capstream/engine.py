@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-from .captioner import Captioner, NotSent, PromptAnswer, RowResult, Stats, answers_from_log, row_result
+from .captioner import Captioner, NotSent
+from .results import PromptAnswer, RowResult, Stats, answers_from_log, row_result
 from .errors import RunStopped
 from .prompts import check_placeholders
 from .source import Chunk, Source

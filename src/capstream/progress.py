@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .captioner import RowResult, Stats
+from .results import RowResult, Stats
 from .cost import CostMeter, usd
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import datasets
 
-from .captioner import (Captioner, NotSent, PromptAnswer, RowResult, Stats, answers_from_log,
-                        output_columns, row_result)
+from .captioner import Captioner, NotSent
+from .results import PromptAnswer, RowResult, Stats, answers_from_log, output_columns, row_result
 from .answers import default_cache_dir
 from .config import Config, DatasetConfig
 from .errors import ConfigError, RunStopped
