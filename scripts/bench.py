@@ -15,6 +15,7 @@ subprocess is shown too. Peak RSS is the subprocess's own (``wait4``).
     python scripts/bench.py                 # every scenario (about 15 minutes on 2 cores)
     python scripts/bench.py --only zero     # scenarios whose name contains "zero"
     python scripts/bench.py --list
+    python scripts/bench.py --bounds        # the best any client can do against the heavy-tail server
 """
 
 from __future__ import annotations
@@ -207,6 +208,34 @@ async def _seed_approach(url: str, data: str, chunk: int, concurrency: int, stre
     return {"seconds": time.monotonic() - started, "ok": ok, "rows": rows}
 
 
+def best_case_seconds(rows: int, concurrency: int, chunk: int | None = None) -> float:
+    """Seconds a client with no time of its own needs against the heavy-tail server: it draws each
+    request's latency in arrival order from a fixed seed, so the schedule is known. Slots refilled
+    the instant they free (``chunk=None``), or chunk by chunk with a barrier (the seed's approach)."""
+    import heapq
+    import random
+
+    sys.path.insert(0, str(FAKE_SERVER.parent))
+    from fake_openai import lognormal_latency
+
+    rng, latency = random.Random(0), lognormal_latency(0.5, 0.5, 0.02, 10)
+    latencies = []
+    for _ in range(rows):
+        latencies.append(latency(rng))
+        for _ in range(4):  # the server's other draws per request (hang, drop, 429, 500)
+            rng.random()
+    total = 0.0
+    for start in range(0, rows, chunk or rows):
+        slots = [0.0] * concurrency
+        end = 0.0
+        for seconds in latencies[start:start + (chunk or rows)]:
+            free = heapq.heappop(slots)
+            heapq.heappush(slots, free + seconds)
+            end = max(end, free + seconds)
+        total += end
+    return total
+
+
 # --- the table -------------------------------------------------------------------------------------
 
 def measure(sc: Scenario, work: Path) -> list[dict]:
@@ -278,10 +307,21 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=[], help="run the scenarios whose name contains one of these")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "capstream-bench"))
+    ap.add_argument("--bounds", action="store_true", help="print the best case of the heavy-tail scenarios")
     ap.add_argument("--seed-side", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.seed_side:
         print(json.dumps(asyncio.run(_seed_approach(**json.loads(args.seed_side)))))
+        return
+    if args.bounds:
+        for sc in SCENARIOS:
+            if sc.server_args == HEAVY_TAIL:
+                best = best_case_seconds(sc.rows, sc.concurrency)
+                line = f"{sc.name}: no client time {best:.1f} s = {sc.rows / best:.1f} rows/s"
+                if sc.seed:
+                    seed = best_case_seconds(sc.rows, sc.concurrency, sc.chunk)
+                    line += f"; seed's chunks {seed:.1f} s; ratio {seed / best:.2f}x"
+                print(line)
         return
     if args.list:
         for sc in SCENARIOS:

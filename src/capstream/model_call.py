@@ -18,7 +18,7 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 
 from .errors import Failure, RequestFailed
-from .models import answer_text, build_messages
+from .models import answer_text, build_messages, cache_content_block_types
 from .retry import classify, retry_after_s, status_of
 
 # Response headers the rate limiter learns from (lower-case).
@@ -71,6 +71,7 @@ class ModelCall:
 
     def __init__(self, llm: BaseChatModel):
         self.llm = llm
+        cache_content_block_types()  # 1.2 ms less CPU per request in langchain-core (see there)
 
     async def __call__(self, request: ImageRequest) -> Answer:
         messages = build_messages(request.text, request.system, request.data_url, request.detail)
