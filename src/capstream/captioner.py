@@ -7,9 +7,11 @@
 
 Inside an event loop, ``captioner.session()`` gives a ``CaptionSession`` that owns everything bound
 to that loop (the chat model's HTTP client, the rate-limit buckets, the concurrency semaphore);
-``await session.caption(image)`` prepares the image off the loop, waits for a slot and for the
-rate limits, sends with retries, and returns a ``RowResult``. Errors of the row become data; a
-failure that would hit every row raises ``RunStopped``.
+``await session.caption(image, row)`` prepares the image off the loop once, then asks each prompt:
+an identical request in flight or an answer bought before (the response cache) is re-used, else it
+waits for a slot and for the rate limits, sends with retries and checks the answer against the
+prompt's schema. It returns a ``RowResult`` (results.py). Errors of the row become data; a failure
+that would hit every row raises ``RunStopped``.
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@
                                                                               └─▶ chunk done ─▶ shard
 
 * The reader pulls chunks from the source in a worker thread, one ahead of the feeder.
-* The feeder starts one task per row that has no logged answer, never more than
+* The feeder starts one task per row whose prompts do not all have a logged answer (those it has
+  are handed to the task, not asked again), never more than
   ``2 * max_concurrency`` at once (so images are prepared while earlier requests run), and never
   more than ``run.window_chunks`` unfinished chunks: memory is bounded by the window, not the dataset.
-* Each answer is appended to the results log before the row counts as done; a chunk whose rows are
-  all done is written as a shard in a worker thread while later chunks go on. Chunks finish out of
-  order; shard names keep source order.
+* Each answer (one per row and prompt) is appended to the results log the moment it arrives, before
+  the row counts as done; a chunk whose rows are all done is written as a shard in a worker thread
+  while later chunks go on (then ``on_chunk_written``, which the Hub export listens to). Chunks
+  finish out of order; shard names keep source order.
 * A ``RunStopped`` from any row (endpoint down, bad key, disk full) or a stop request (Ctrl-C) stops
   the feeder; requests already in flight finish (bounded), everything received is written, and the
   error is raised for the caller. A rerun resumes.
@@ -23,9 +25,9 @@ import asyncio
 from typing import Any, Callable
 
 from .captioner import Captioner, NotSent
-from .results import PromptAnswer, RowResult, Stats, answers_from_log, row_result
 from .errors import RunStopped
 from .prompts import check_placeholders
+from .results import PromptAnswer, RowResult, Stats, answers_from_log, row_result
 from .source import Chunk, Source
 from .store import RunStore, output_features
 
