@@ -79,18 +79,19 @@ def _header_float(headers: dict[str, str], name: str) -> float | None:
 class AdaptiveLimit:
     """One limit (requests or tokens per minute): configured, announced by the endpoint, or learned."""
 
-    def __init__(self, configured: float | None, clock=time.monotonic):
+    def __init__(self, configured: float | None, clock=time.monotonic, headroom: float = 0.0):
         self.configured = configured
         self.announced: float | None = None
         self.clock = clock
-        self.limiter = ShapedLimiter(configured) if configured else None
+        self.share = 1.0 - headroom  # of a configured or announced limit, the part used
+        self.limiter = ShapedLimiter(configured * self.share) if configured else None
         self._sent: deque[tuple[float, float]] = deque()  # (time, amount) over the last minute
         self._last_change = -STEP_S
 
     @property
     def ceiling(self) -> float | None:
         known = [x for x in (self.configured, self.announced) if x]
-        return min(known) if known else None
+        return min(known) * self.share if known else None
 
     @property
     def rate(self) -> float | None:
@@ -144,9 +145,11 @@ class RateLimits:
     """Both limits of an endpoint: requests and tokens per minute (None = none configured)."""
 
     def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
-                 clock=time.monotonic):
-        self.requests = AdaptiveLimit(requests_per_minute, clock)
-        self.tokens = AdaptiveLimit(tokens_per_minute, clock)
+                 clock=time.monotonic, headroom: float = 0.0):
+        """``headroom``: the share of every configured or announced limit left unused (for senders
+        whose requests reach the endpoint with delays the buckets do not see)."""
+        self.requests = AdaptiveLimit(requests_per_minute, clock, headroom)
+        self.tokens = AdaptiveLimit(tokens_per_minute, clock, headroom)
         self.clock = clock
         self._answers: deque[tuple[float, bool]] = deque()  # (time, was a 429) over SIGNAL_WINDOW_S
 
