@@ -25,12 +25,12 @@ import datasets
 
 from . import hub
 from .captioner import Captioner, endpoint_label
-from .results import Stats
 from .config import Config, resolve_config
 from .cost import BudgetGuard, CostMeter, Prices
 from .engine import Interrupted, Runner
 from .errors import RunStopped
 from .progress import ProgressBar
+from .results import Stats
 from .sinks import write_card, write_summary
 from .source import open_source
 from .store import RunStore, atomic_write_json

@@ -157,10 +157,12 @@ class CaptionSession:
                 request = ImageRequest(text, system, image.data_url(), self.config.image.detail, prompt.request_options())
                 answer = await self._ask(prompt, request, self.estimated_tokens(image, text, system, dict(prompt.options).get("max_tokens")))
                 shared.set_result(answer)
-            except BaseException as err:
-                shared.set_exception(err) if not isinstance(err, asyncio.CancelledError) else shared.cancel()
-                if not shared.cancelled():
-                    shared.exception()  # retrieved: rows waiting on it raise it themselves
+            except asyncio.CancelledError:
+                shared.cancel()
+                raise
+            except BaseException as err:  # rows waiting on this request raise the same (NotSent, RunStopped)
+                shared.set_exception(err)
+                shared.exception()  # marked retrieved: no "never retrieved" warning when nobody waited
                 raise
             finally:
                 del self._in_flight[key]
