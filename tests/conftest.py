@@ -13,6 +13,9 @@ from pathlib import Path
 _HF_HOME = tempfile.mkdtemp(prefix="capstream-tests-hf-")
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Never the user's response cache, even for a subprocess started with an environment copied early
+# (each test then gets its own folder: the response_cache fixture).
+os.environ["CAPSTREAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="capstream-tests-cache-")
 os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.pop("OPENAI_API_KEY", None)
 

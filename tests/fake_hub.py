@@ -24,7 +24,6 @@ repos and every write need one). Counters: ``calls`` (per route), ``repos`` (ins
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import collections
 import hashlib
@@ -37,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from loopback import LoopbackServer
 
 __all__ = ["FakeHub"]
 
@@ -93,12 +94,15 @@ class _Repo:
         return commit
 
 
-class FakeHub:
+class FakeHub(LoopbackServer):
     """The server; runs on its own thread and event loop (so subprocesses can use it too)."""
 
+    thread_name = "fake-hub"
+    shutdown_timeout_s = 0.5
+
     def __init__(self, *, tokens: set[str] | None = None, host: str = "127.0.0.1", port: int = 0):
+        super().__init__(host, port)
         self.tokens = set(tokens or ())
-        self.host, self.port = host, port
         self.hang = False
         self.repos: dict[str, _Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
@@ -107,72 +111,16 @@ class FakeHub:
         self._faults: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._stopping: asyncio.Event | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "FakeHub":
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._serve_start())
-            except BaseException as e:  # pragma: no cover - bind failures
-                errors.append(e)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-hub", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if errors:
-            raise errors[0]
-        return self
-
-    async def _serve_start(self) -> None:
-        self._stopping = asyncio.Event()
+    def make_app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 2**20)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        if self._loop is None or self._thread is None:
-            return
-
-        async def shutdown() -> None:
-            self._stopping.set()
-            await self._runner.cleanup()
-
-        try:
-            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        except Exception:  # pragma: no cover - best effort
-            pass
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._thread = self._loop = None
-
-    def __enter__(self) -> "FakeHub":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        return app
 
     # ------------------------------------------------------------------------------ test API
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False,

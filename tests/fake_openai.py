@@ -48,6 +48,8 @@ from typing import Any, Callable
 from aiohttp import web
 from PIL import Image
 
+from loopback import LoopbackServer
+
 __all__ = ["FakeOpenAI", "RequestInfo", "image_tokens", "lognormal_latency"]
 
 
@@ -117,7 +119,7 @@ _ERROR_KIND = {  # status -> (type, code)
 }
 
 
-class FakeOpenAI:
+class FakeOpenAI(LoopbackServer):
     """Fake OpenAI chat-completions server on ``127.0.0.1`` (ephemeral port).
 
     Knobs (plain attributes, may be changed while running; probabilities are
@@ -171,15 +173,11 @@ class FakeOpenAI:
         self.retry_after_ms = retry_after_ms
         self.hang_s = hang_s
         self.model = model
-        self.host, self.port = host, port
+        super().__init__(host, port)
         self.rng = random.Random(seed)
         self._lock = threading.Lock()
         self._window: collections.deque[float] = collections.deque()
         self._sizes: dict[str, tuple[int, int] | str] = {}  # sha -> size or error
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._stopping: asyncio.Event | None = None
         self.reset_counters()
 
     # ------------------------------------------------------------ lifecycle
@@ -188,73 +186,14 @@ class FakeOpenAI:
         """Base URL for OpenAI clients, e.g. ``http://127.0.0.1:PORT/v1``."""
         return f"http://{self.host}:{self.port}/v1"
 
-    def start(self) -> FakeOpenAI:
-        """Start serving on a background thread; returns once listening."""
-        if self._thread is not None:
-            return self
-        ready = threading.Event()
-        errors: list[BaseException] = []
+    thread_name = "fake-openai"
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._serve_start())
-            except BaseException as e:  # pragma: no cover - bind failures
-                errors.append(e)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-openai", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if errors:
-            self._thread = None
-            raise errors[0]
-        return self
-
-    async def _serve_start(self) -> None:
-        self._stopping = asyncio.Event()
+    def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/stats", self._stats)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving; hung and sleeping requests are cut off (dropped)."""
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
-            return
-
-        async def shutdown() -> None:
-            assert self._stopping is not None and self._runner is not None
-            self._stopping.set()
-            await self._runner.cleanup()
-
-        try:
-            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout)
-        except Exception:  # pragma: no cover - best effort on a stuck loop
-            pass
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout)
-        self._thread = self._loop = None
-
-    def __enter__(self) -> FakeOpenAI:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        return app
 
     # ------------------------------------------------------------- counters
     def reset_counters(self) -> None:

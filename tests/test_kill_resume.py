@@ -24,7 +24,9 @@ import pytest
 from conftest import REPO, check_output, make_rows, write_config, write_parquet
 
 KEY = "sk-test-secret-123"
-ENV = {**os.environ, "FAKE_KEY": KEY}
+def cli_env() -> dict[str, str]:
+    # Read at each start, not at import: the per-test response cache folder (conftest) is set later.
+    return {**os.environ, "FAKE_KEY": KEY}
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -38,7 +40,7 @@ class Cli:
         self._err = open(log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "capstream.cli", "run", str(config), "--no-progress"],
-            stdout=self._err, stderr=subprocess.STDOUT, env=ENV, cwd=REPO,
+            stdout=self._err, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO,
         )
 
     def alive(self) -> bool:
@@ -66,7 +68,7 @@ class Cli:
 def run_to_end(config: Path, timeout: float = 120, preexec_fn=None) -> tuple[int, str]:
     """Run to its end; output through a pipe (a file-size limit on the child does not touch it)."""
     done = subprocess.run([sys.executable, "-m", "capstream.cli", "run", str(config), "--no-progress"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(), cwd=REPO,
                           timeout=timeout, preexec_fn=preexec_fn)
     return done.returncode, done.stdout
 

@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
@@ -50,6 +51,13 @@ def endpoint_label(config: Config) -> str:
 
 class NotSent(Exception):
     """The session is stopping: this row's request was not sent (it stays to do)."""
+
+
+@dataclass(frozen=True)
+class _PromptAsk:
+    identity: dict[str, Any]  # the content key's fixed part
+    options: dict[str, Any]  # per-request model parameters (response_format, temperature, max_tokens)
+    max_tokens: int | None
 
 
 class CaptionSession:
@@ -83,7 +91,12 @@ class CaptionSession:
         keep = cfg.run.cache and cfg.model.provider != "mock"
         self.bought = ResponseCache(cfg.run.cache_dir or default_cache_dir()) if keep else RecentAnswers()
         self._in_flight: dict[str, asyncio.Future] = {}
-        self._asked_of = self._model_identity() if captioner.llm is None else {"llm": repr(captioner.llm)}
+        asked_of = self._model_identity() if captioner.llm is None else {"llm": repr(captioner.llm)}
+        # What decides each prompt's answers apart from its rendered text and the image, computed
+        # once here rather than per request: the cache key's fixed part, the request's options.
+        self._asks = {p.name: _PromptAsk({**asked_of, **p.identity(), "detail": cfg.image.detail},
+                                         p.request_options(), dict(p.options).get("max_tokens"))
+                      for p in self.prompts}
 
     def _model_identity(self) -> dict[str, Any]:
         m = self.config.model
@@ -144,8 +157,8 @@ class CaptionSession:
                       record: Callable[[str, PromptAnswer], None] | None) -> PromptAnswer:
         """One prompt's answer: from a request in flight, from the answers bought, or asked now."""
         text, system = prompt.render(row)
-        key = content_key({**self._asked_of, **prompt.identity(), "text": text, "system": system,
-                           "detail": self.config.image.detail}, digest)
+        ask = self._asks[prompt.name]
+        key = content_key({**ask.identity, "text": text, "system": system}, digest)
         if key in self._in_flight:
             answer = await asyncio.shield(self._in_flight[key])
             answer = PromptAnswer(answer.value, answer.error, source="dedup")
@@ -154,8 +167,8 @@ class CaptionSession:
         else:
             shared = self._in_flight[key] = asyncio.get_running_loop().create_future()
             try:
-                request = ImageRequest(text, system, image.data_url(), self.config.image.detail, prompt.request_options())
-                answer = await self._ask(prompt, request, self.estimated_tokens(image, text, system, dict(prompt.options).get("max_tokens")))
+                request = ImageRequest(text, system, image.data_url(), self.config.image.detail, ask.options)
+                answer = await self._ask(prompt, request, self.estimated_tokens(image, text, system, ask.max_tokens))
                 shared.set_result(answer)
             except asyncio.CancelledError:
                 shared.cancel()
@@ -185,7 +198,7 @@ class CaptionSession:
             return prompt.parse(answer.text)
 
         try:
-            if prompt.schema is None:  # free text is never rejected: no second retry loop (~70 us a row)
+            if prompt.schema is None:  # free text is never rejected: no second (tenacity) loop per request
                 value = await send_and_parse()
             else:
                 async for attempt in invalid_answer_retrying(max_attempts=self.config.retry.invalid_answer_attempts):

@@ -26,10 +26,9 @@ from typing import Any, Callable
 
 from .captioner import Captioner, NotSent
 from .errors import RunStopped
-from .prompts import check_placeholders
-from .results import PromptAnswer, RowResult, Stats, answers_from_log, row_result
+from .results import PromptAnswer, RowResult, Stats, answers_from_log, output_layout, row_result
 from .source import Chunk, Source
-from .store import RunStore, output_features
+from .store import RunStore
 
 
 class Interrupted(RunStopped):
@@ -58,11 +57,10 @@ class Runner:
         self.progress = progress or (lambda result: None)
         self.on_chunk_written = on_chunk_written  # called (in the loop, must not block) once a shard is recorded
         self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else self.config.model.timeout_s + 5
-        added = {name: feature for prompt in captioner.prompts for name, feature in prompt.columns().items()}
-        self.features = output_features(source.features, added, self.config.output.error_column)
-        check_placeholders(captioner.prompts, list(source.features) if source.features is not None else None,
-                           source.image_column)
-        self.template_columns = sorted({name for prompt in captioner.prompts for name in prompt.placeholders})
+        self.features, self.template_columns = output_layout(
+            captioner.prompts, source.features, source.image_column, self.config.output.error_column)
+        # Answers already paid for; with retry_errors only the good ones, so error rows are asked again.
+        self.logged = store.logged_results(self.skip_chunks, ok_only=retry_errors)
         self.stop_requested = asyncio.Event()
         self.failure: RunStopped | None = None
         self.stats = Stats()
@@ -81,8 +79,6 @@ class Runner:
         self.session.stats = self.stats
         self.session.stopping = self.stop_requested
         self.session.before_send = self.before_send
-        # Answers already paid for; with retry_errors only the good ones, so error rows are asked again.
-        self.logged = self.store.logged_results(self.skip_chunks, ok_only=self.retry_errors)
         self.window = asyncio.Semaphore(cfg.run.window_chunks)
         self.row_slots = asyncio.Semaphore(2 * cfg.limits.max_concurrency)
         queue: asyncio.Queue = asyncio.Queue(maxsize=1)

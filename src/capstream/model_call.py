@@ -71,7 +71,7 @@ class ModelCall:
 
     def __init__(self, llm: BaseChatModel):
         self.llm = llm
-        cache_content_block_types()  # 1.2 ms less CPU per request in langchain-core (see there)
+        cache_content_block_types()  # less CPU per request in langchain-core (see there)
 
     async def __call__(self, request: ImageRequest) -> Answer:
         messages = build_messages(request.text, request.system, request.data_url, request.detail)

@@ -33,14 +33,14 @@ from typing import Any
 import datasets
 
 from .captioner import Captioner, NotSent
-from .results import PromptAnswer, RowResult, Stats, answers_from_log, output_columns, row_result
+from .results import PromptAnswer, RowResult, Stats, answers_from_log, output_columns, output_layout, row_result
 from .answers import default_cache_dir
 from .config import Config, DatasetConfig
 from .errors import ConfigError, RunStopped
 from .global_limits import BlockLimits, LimitBroker
-from .prompts import check_placeholders, compile_prompts
+from .prompts import compile_prompts
 from .source import open_source
-from .store import RunStore, atomic_write_json, output_features
+from .store import RunStore, atomic_write_json
 
 WORKER_CPUS = 0.5  # caption workers wait on the network; leave CPUs for Ray Data's read tasks
 
@@ -203,10 +203,8 @@ class RayRun:
 
         cfg = self.config
         self.prompts = compile_prompts(cfg)
-        self.features = output_features(features, {n: f for p in self.prompts for n, f in p.columns().items()},
-                                        cfg.output.error_column)
-        check_placeholders(self.prompts, list(features) if features is not None else None, cfg.dataset.image_column)
-        self.template_columns = sorted({name for p in self.prompts for name in p.placeholders})
+        self.features, self.template_columns = output_layout(self.prompts, features, cfg.dataset.image_column,
+                                                             cfg.output.error_column)
         self.base_dir = base_dir
         logged = self.store.logged_results(self.skip_chunks, ok_only=self.retry_errors)
         self.store.close()
@@ -306,13 +304,7 @@ class RayRun:
             for offset, result in zip(chunk.todo, answer["results"]):
                 if result is not None:
                     chunk.results[offset] = result
-                    self.stats.add(result, tokens=False)
-                    fresh = [a for a in result.answers.values() if a.source == "request"]
-                    self.stats.input_tokens += sum(a.input_tokens for a in fresh)
-                    self.stats.output_tokens += sum(a.output_tokens for a in fresh)
-                    for a in result.answers.values():
-                        if a.source in ("cache", "dedup"):
-                            self.stats.reused[a.source] += 1
+                    self.stats.add_answered_elsewhere(result)
                     self.progress(1)
             if all(r is not None for r in chunk.results):
                 self._write(chunk)

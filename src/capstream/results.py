@@ -17,7 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .prompts import Prompt, combined_error
+from .prompts import Prompt, check_placeholders, combined_error
+from .store import output_features
 
 
 @dataclass
@@ -86,6 +87,16 @@ def output_columns(prompts: Sequence[Prompt], error_column: str, results: Sequen
     return columns
 
 
+def output_layout(prompts: Sequence[Prompt], source_features: Any, image_column: str,
+                  error_column: str) -> tuple[Any, list[str]]:
+    """The output's features (source + the prompts' columns + error) and the source columns the
+    prompts' ``{column}`` placeholders read; ConfigError for a placeholder naming no column."""
+    added = {name: feature for prompt in prompts for name, feature in prompt.columns().items()}
+    features = output_features(source_features, added, error_column)
+    check_placeholders(prompts, list(source_features) if source_features is not None else None, image_column)
+    return features, sorted({name for prompt in prompts for name in prompt.placeholders})
+
+
 def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
@@ -115,6 +126,16 @@ class Stats:
         else:
             for kind in {error_kind(a.error) for a in result.answers.values() if a.error}:
                 self.errors[kind] += 1
+
+    def add_answered_elsewhere(self, result: RowResult) -> None:
+        """Count a row a worker process answered: only its answers bought this run cost tokens."""
+        self.add(result, tokens=False)
+        for answer in result.answers.values():
+            if answer.source == "request":
+                self.input_tokens += answer.input_tokens
+                self.output_tokens += answer.output_tokens
+            elif answer.source in ("cache", "dedup"):
+                self.reused[answer.source] += 1
 
     def as_counts(self) -> dict:
         return {"rows": self.rows, "ok": self.ok, "errors": dict(self.errors),

@@ -103,6 +103,7 @@ class RunStore:
         # (results-<worker>.jsonl) and every log is read on resume.
         self.results_path = self.state / results_name
         self.manifest: dict[str, Any] = {}
+        self._paid: tuple[int, int] | None = None  # tokens in the results logs, once counted
         self._log = None
 
     # -- opening, fingerprint, resume --------------------------------------------------------------
@@ -193,12 +194,19 @@ class RunStore:
         """
         skip = set(skip_chunks)
         found: dict[Any, dict[str, dict]] = {}
+        paid_in = paid_out = 0
         for log in self.results_logs():
-            in_log = {(_hashable(r["k"]), r["p"]): r for r in self._records(log) if r["i"] not in skip}
+            in_log = {}
+            for r in self._records(log):
+                paid_in += r.get("ti") or 0
+                paid_out += r.get("to") or 0
+                if r["i"] not in skip:
+                    in_log[(_hashable(r["k"]), r["p"])] = r
             for (key, prompt), record in in_log.items():
                 by_prompt = found.setdefault(key, {})
                 if prompt not in by_prompt or by_prompt[prompt]["e"] is not None:
                     by_prompt[prompt] = record
+        self._paid = (paid_in, paid_out)  # the same pass: paid_tokens() need not read the logs again
         if ok_only:
             found = {k: good for k, by_prompt in found.items()
                      if (good := {p: r for p, r in by_prompt.items() if r["e"] is None})}
@@ -206,7 +214,10 @@ class RunStore:
 
     def paid_tokens(self) -> tuple[int, int]:
         """Input and output tokens of every answer in the results logs: what all runs into this folder
-        paid for (an answer asked again with ``--retry-errors`` counts each time it was bought)."""
+        paid for (an answer asked again with ``--retry-errors`` counts each time it was bought).
+        Counted by ``logged_results`` when it ran (what the logs held then); read here otherwise."""
+        if self._paid is not None:
+            return self._paid
         paid_in = paid_out = 0
         for log in self.results_logs():
             for record in self._records(log):
