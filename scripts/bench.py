@@ -132,15 +132,19 @@ class Server:
         with urllib.request.urlopen(self.url.rsplit("/v1", 1)[0] + "/stats", timeout=30) as r:
             return json.loads(r.read())
 
-    def stop(self) -> None:
+    def stop(self) -> float:
+        """Stop the server; return the CPU seconds it used."""
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        return usage.ru_utime + usage.ru_stime
 
 
 # --- the two sides ---------------------------------------------------------------------------------
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Run a subprocess; return wall seconds, peak RSS in MB, and its stdout."""
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, str]:
+    """Run a subprocess; return wall seconds, peak RSS in MB, CPU seconds (its own and its reaped
+    children's: capstream's worker processes) and its stdout."""
     started = time.monotonic()
     with tempfile.TemporaryFile(mode="w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
@@ -151,7 +155,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
         text = out.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}")
-    return time.monotonic() - started, usage.ru_maxrss / 1024, text
+    return time.monotonic() - started, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, text
 
 
 def run_capstream(sc: Scenario, url: str, data: Path, work: Path, out: Path | None = None) -> dict:
@@ -168,18 +172,19 @@ def run_capstream(sc: Scenario, url: str, data: Path, work: Path, out: Path | No
     }
     path = work / f"{sc.name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    wall, rss, _ = run_measured([sys.executable, "-m", "capstream.cli", "run", str(path), "--no-progress", "--overwrite"])
+    wall, rss, cpu, _ = run_measured([sys.executable, "-m", "capstream.cli", "run", str(path), "--no-progress",
+                                      "--overwrite"])
     summary = json.loads((out / "summary.json").read_text())
-    return {"wall": wall, "rss": rss, "seconds": summary["seconds"], "ok": summary["ok"], "rows": summary["rows"],
+    return {"wall": wall, "rss": rss, "cpu": cpu, "seconds": summary["seconds"], "ok": summary["ok"], "rows": summary["rows"],
             "startup_s": summary.get("startup_s")}
 
 
 def run_seed(sc: Scenario, url: str, data: Path) -> dict:
     args = json.dumps({"url": url, "data": str(data), "chunk": sc.chunk, "concurrency": sc.concurrency,
                        "streaming": sc.streaming})
-    wall, rss, text = run_measured([sys.executable, __file__, "--seed-side", args])
+    wall, rss, cpu, text = run_measured([sys.executable, __file__, "--seed-side", args])
     result = json.loads(text.strip().splitlines()[-1])
-    return {"wall": wall, "rss": rss, **result}
+    return {"wall": wall, "rss": rss, "cpu": cpu, **result}
 
 
 async def _seed_approach(url: str, data: str, chunk: int, concurrency: int, streaming: bool) -> dict:
@@ -247,16 +252,17 @@ def measure(sc: Scenario, work: Path) -> list[dict]:
             result = run_capstream(sc, server.url, data, work) if side == "capstream" else run_seed(sc, server.url, data)
             stats = server.stats()
         finally:
-            server.stop()
+            server_cpu = server.stop()
         by_status = stats["by_status"]
         requests = stats["requests"]
         result.update(
             scenario=sc.name, side=side, rate=result["rows"] / result["seconds"],
-            requests=requests, r429=by_status.get("429", 0),
+            requests=requests, r429=by_status.get("429", 0), server_cpu=server_cpu,
             dups=sum(n - 1 for n in stats["image_requests"].values() if n > 1),
         )
         print(f"  {side:9s} {result['rows']} rows in {result['seconds']:.1f}s = {result['rate']:.1f} rows/s, "
-              f"{result['r429']} x 429, peak {result['rss']:.0f} MB", file=sys.stderr, flush=True)
+              f"{result['r429']} x 429, peak {result['rss']:.0f} MB, CPU {result['cpu']:.1f} s "
+              f"(server {server_cpu:.1f} s)", file=sys.stderr, flush=True)
         rows.append(result)
     if sc.compare_local:
         rows[0]["same_as_local"] = same_as_local(sc, data, work)

@@ -12,7 +12,6 @@ client binds its connection pool to the loop it first runs on.
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import io
 import os
@@ -74,24 +73,6 @@ def async_http_client(timeout_s: float) -> Any:
         except (ImportError, RuntimeError):  # openai's aiohttp extra is not installed
             pass
     return openai.DefaultAsyncHttpxClient(timeout=timeout_s)
-
-
-def cache_content_block_types() -> None:
-    """Compute langchain-core's list of data content-block types once instead of on every block.
-
-    ``langchain_core.messages.content.is_data_content_block`` (called by ChatOpenAI for every
-    content block of every request) rebuilds that list with ``typing.get_type_hints`` over the
-    block TypedDicts each time, the largest item of the client's CPU per request in a py-spy profile
-    against a local server (time ``ChatOpenAI._get_request_payload`` with timeit before and after
-    to see it). The list comes from static
-    type declarations, so caching it changes no result. Idempotent; a no-op when langchain-core
-    no longer has the function.
-    """
-    from langchain_core.messages import content
-
-    types_of = getattr(content, "_get_data_content_block_types", None)
-    if types_of is not None and not hasattr(types_of, "cache_info"):
-        content._get_data_content_block_types = functools.cache(types_of)
 
 
 def build_chat_model(cfg: ModelConfig, http_async_client: Any = None) -> BaseChatModel:
