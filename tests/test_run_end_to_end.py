@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -141,3 +142,21 @@ def test_worker_processes_give_the_same_output(server, source_300, tmp_path):
     assert server.max_in_flight <= 8
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["worker_requests"] < summary["requests"]  # both processes sent requests
+
+
+def test_worker_processes_from_a_script_without_a_main_guard(server, source_300, tmp_path):
+    """A worker process runs only the model call: it does not re-run the caller's script, as a
+    multiprocessing spawn start would (there, the script's run() would start again in the worker)."""
+    data_file, rows, broken = source_300
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", server.url, data_file, out, run={"workers": 2, "chunk_size": 64},
+                          limits={"max_concurrency": 8})
+    server.latency = 0.15
+    script = tmp_path / "caption.py"
+    script.write_text(f"from capstream import run\nrun({str(config)!r}, show_progress=False)\nprint('ran')\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "FAKE_KEY": "sk-test-secret-123"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ran"]
+    check_output(out, rows, broken)
+    assert json.loads((out / "summary.json").read_text())["worker_requests"] > 0

@@ -11,12 +11,33 @@ or, as a batched map function:
 
 __version__ = "0.1.0"
 
-from .api import caption_dataset, load_output, run  # noqa: E402
-from .captioner import Captioner  # noqa: E402
-from .results import PromptAnswer, RowResult  # noqa: E402
-from .config import Config, config_from_dict, load_config  # noqa: E402
-from .engine import Interrupted  # noqa: E402
-from .errors import CapstreamError, ConfigError, ImageError, RowError, RunStopped  # noqa: E402
+# Names load on first use (PEP 562), so that a worker process, which needs only the model call,
+# does not import datasets and the rest of the pipeline.
+_EXPORTS = {
+    "caption_dataset": "api", "run": "api", "load_output": "api",
+    "Captioner": "captioner",
+    "RowResult": "results", "PromptAnswer": "results",
+    "Config": "config", "load_config": "config", "config_from_dict": "config",
+    "Interrupted": "engine",
+    "CapstreamError": "errors", "ConfigError": "errors", "RunStopped": "errors", "RowError": "errors",
+    "ImageError": "errors",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'capstream' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "__version__",

@@ -26,7 +26,6 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-import datasets
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from .errors import ConfigError
@@ -80,6 +79,8 @@ class Field:
         return schema
 
     def feature(self) -> Any:
+        import datasets  # here, not at the top: worker processes import this module and need no datasets
+
         value = datasets.Value(_SCALARS[self.kind][1])
         return datasets.List(value) if self.is_list else value
 
@@ -252,6 +253,8 @@ class Prompt:
 
     def columns(self) -> dict[str, Any]:
         """Output column -> datasets feature."""
+        import datasets
+
         return self.schema.features() if self.schema is not None else {self.name: datasets.Value("string")}
 
     def values(self, value: Any) -> dict[str, Any]:

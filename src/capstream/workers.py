@@ -7,9 +7,12 @@ owns the run: the reader, the chunk window, the results log, the rate limits (so
 and the retry policy. A worker only sends the one attempt it is handed and returns an ``Answer`` or
 a ``RequestFailed``, exactly like an in-process ``ModelCall``: the pool is a drop-in for it.
 
-Workers build their own chat model from the config (reading the API key from their inherited
-environment: no secret crosses the socket), ignore Ctrl-C (the main process decides when to stop),
-and exit when the main process goes away.
+Workers are plain ``python -m capstream.workers`` processes, not ``multiprocessing`` ones: its
+spawn start re-imports the parent's main module, which costs a CLI run a second import of the
+whole pipeline and re-runs the top of a user's unguarded script. A worker imports only the model
+call, builds its own chat model from the config it reads on stdin (the API key comes from its
+inherited environment: no secret crosses the pipe or the socket), ignores Ctrl-C (the main process
+decides when to stop), and exits when the main process goes away.
 
     >>> pool = WorkerPool(config.model, processes=1, local=ModelCall(llm))
     >>> answer = await pool(request)         # on the least loaded of the local call and the workers
@@ -19,12 +22,16 @@ and exit when the main process goes away.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
+import json
 import os
 import pickle
 import signal
+import site
 import struct
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
@@ -46,9 +53,9 @@ async def _read_frame(reader: asyncio.StreamReader) -> Any:
 
 # --- the worker side -------------------------------------------------------------------------------
 
-def _worker_main(socket_path: str, model: dict) -> None:
+def _worker_main(socket_path: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    asyncio.run(_serve(socket_path, ModelConfig(**model)))
+    asyncio.run(_serve(socket_path, ModelConfig(**json.load(sys.stdin))))
 
 
 async def _serve(socket_path: str, model: ModelConfig) -> None:
@@ -83,6 +90,17 @@ async def _serve(socket_path: str, model: ModelConfig) -> None:
 
 
 # --- the main side ---------------------------------------------------------------------------------
+
+def _worker_env() -> dict[str, str]:
+    """The environment for a worker: this one, plus this capstream's folder on PYTHONPATH when it is
+    not a site folder (a source checkout the caller put on sys.path at run time), so that the worker
+    runs the same code. A site folder is left out: ahead of the standard library it could shadow it."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    if root not in {str(Path(p).resolve()) for p in (*site.getsitepackages(), site.getusersitepackages())}:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
 
 class _Worker:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -122,7 +140,7 @@ class WorkerPool:
         self.local = local
         self._local_load = 0
         self._workers: list[_Worker] = []
-        self._procs: list[Any] = []
+        self._procs: list[subprocess.Popen] = []
         self._next_id = 0
         self.sent_to_workers = 0  # how many attempts the worker processes made (the rest: local)
         self._tmp = tempfile.TemporaryDirectory(prefix="capstream-workers-")
@@ -133,10 +151,12 @@ class WorkerPool:
     async def _start(self) -> None:
         path = os.path.join(self._tmp.name, "sock")
         self._server = await asyncio.start_unix_server(self._accept, path)
-        context = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loop
+        model = json.dumps(self.model.model_dump(mode="json")).encode()
         for _ in range(self.processes):
-            proc = context.Process(target=_worker_main, args=(path, self.model.model_dump()), daemon=True)
-            proc.start()
+            proc = subprocess.Popen([sys.executable, "-m", "capstream.workers", path], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, env=_worker_env())
+            with proc.stdin:
+                proc.stdin.write(model)
             self._procs.append(proc)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -185,7 +205,13 @@ class WorkerPool:
         if self._server is not None:
             self._server.close()
         for proc in self._procs:
-            await asyncio.to_thread(proc.join, 5)
-            if proc.is_alive():
+            try:  # a worker exits once its connection closes
+                await asyncio.to_thread(proc.wait, 5)
+            except subprocess.TimeoutExpired:
                 proc.kill()
+                await asyncio.to_thread(proc.wait)
         self._tmp.cleanup()
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1])
