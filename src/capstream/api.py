@@ -69,26 +69,12 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         return run_on_ray(config, data, llm=llm, overwrite=overwrite, retry_errors=retry_errors,
                           show_progress=show_progress)
     captioner = Captioner(config, llm=llm)  # checks the key before anything is read
-    out_dir = config.output.dir or tempfile.mkdtemp(prefix="capstream-")
-    store = RunStore(out_dir, config.dataset.split)
-    fingerprint = config.fingerprint()
-    if data is not None:
-        fingerprint["dataset.fingerprint"] = getattr(data, "_fingerprint", None)
-    store.check(fingerprint, config.run.chunk_size, overwrite=overwrite)  # before any download
-    if data is None or config.output.push_to_hub:
-        hub.bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
-    src = open_source(config.dataset, data)
-    resuming = store.manifest_path.exists() and not overwrite
-    store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
-    atomic_write_json(store.state / "config.json", config.redacted())
+    store, src, resuming = _open_run(config, data, overwrite)
     exporter = hub.HubExporter.from_config(store.dir, config.output, config.dataset.split) if config.output.push_to_hub else None
-
     runner = Runner(src, captioner, store, retry_errors=retry_errors,
                     on_chunk_written=exporter.chunk_written if exporter else None)
     nothing_to_do = store.complete and not runner.skip_chunks ^ store.done_chunks
-    meter = CostMeter(Prices.of(config.model), runner.stats, before=store.paid_tokens())
-    if config.run.max_cost_usd is not None:
-        runner.before_send = BudgetGuard(meter, config.run.max_cost_usd, str(store.dir))
+    meter = _meter_costs(config, store, runner)
     bar = ProgressBar(src.num_rows, runner.stats, enabled=show_progress and not nothing_to_do,
                       initial=store.rows_in(runner.skip_chunks), meter=meter)
     runner.progress = bar
@@ -105,32 +91,77 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
             exporter.stop()
     summary = {
         **run_summary(config, store, runner.stats, runner.rows_from_log, started, failure),
-        # What every run into this folder paid for (the results log), and what this one did.
+        **_cost_fields(meter, config),
+        **_dates(store, started, resuming=resuming, rerun_of_finished=nothing_to_do),
+    }
+    write_summary(store, summary)
+    write_card(store, config, summary)
+    if exporter is not None and not isinstance(failure, Interrupted):
+        failure = _push_at_end(exporter, config, store, summary, failure)
+    if failure is not None:
+        failure.summary = summary
+        raise failure
+    return RunResult(summary, store)
+
+
+def _open_run(config: Config, data: Any, overwrite: bool) -> tuple[RunStore, Any, bool]:
+    """The output folder checked against the config (before any download) and opened, and the
+    source; whether an earlier run into the folder is being resumed."""
+    store = RunStore(config.output.dir or tempfile.mkdtemp(prefix="capstream-"), config.dataset.split)
+    fingerprint = config.fingerprint()
+    if data is not None:
+        fingerprint["dataset.fingerprint"] = getattr(data, "_fingerprint", None)
+    store.check(fingerprint, config.run.chunk_size, overwrite=overwrite)
+    if data is None or config.output.push_to_hub:
+        hub.bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
+    src = open_source(config.dataset, data)
+    resuming = store.manifest_path.exists() and not overwrite
+    store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
+    atomic_write_json(store.state / "config.json", config.redacted())
+    return store, src, resuming
+
+
+def _meter_costs(config: Config, store: RunStore, runner: Runner) -> CostMeter:
+    """The live cost of every run into the folder; with ``run.max_cost_usd``, checked before each request."""
+    meter = CostMeter(Prices.of(config.model), runner.stats, before=store.paid_tokens())
+    if config.run.max_cost_usd is not None:
+        runner.before_send = BudgetGuard(meter, config.run.max_cost_usd, str(store.dir))
+    return meter
+
+
+def _cost_fields(meter: CostMeter, config: Config) -> dict[str, Any]:
+    """What every run into this folder paid for (the results log), and what this one did."""
+    return {
         "paid_input_tokens": meter.tokens()[0],
         "paid_output_tokens": meter.tokens()[1],
         "cost_usd": _rounded(meter.total_usd()),
         "cost_usd_this_run": _rounded(meter.this_run_usd()),
         "prices": meter.prices.as_dict(),
         "max_cost_usd": config.run.max_cost_usd,
-        "started": (_previous(store, "started") if resuming else None) or _iso(started),
-        # A finished run run again keeps its dates (and so its card).
-        "finished": ((_previous(store, "finished") if nothing_to_do else None) or _iso(time.time())) if store.complete else None,
     }
+
+
+def _dates(store: RunStore, started: float, *, resuming: bool, rerun_of_finished: bool) -> dict[str, str | None]:
+    """A resumed run keeps the first run's start; a finished run run again keeps its dates (and so its card)."""
+    finished = None
+    if store.complete:
+        finished = (_previous(store, "finished") if rerun_of_finished else None) or _iso(time.time())
+    return {"started": (_previous(store, "started") if resuming else None) or _iso(started), "finished": finished}
+
+
+def _push_at_end(exporter: hub.HubExporter, config: Config, store: RunStore, summary: dict[str, Any],
+                 failure: RunStopped | None) -> RunStopped | None:
+    """The last push, after the summary so that the card pushed carries its dates and totals; a Hub
+    failure becomes the run's failure and the summary says so. Returns the run's failure."""
+    try:
+        pushed = exporter.finish()
+        summary["hub"] = {"repo": pushed.repo_id, "commit": pushed.commit, "shards": pushed.shards_on_hub}
+    except hub.HubError as err:
+        summary["hub"] = {"repo": config.output.push_to_hub, "error": str(err)}
+        failure = failure or err
+        summary["stopped"] = str(failure)
     write_summary(store, summary)
-    write_card(store, config, summary)
-    if exporter is not None and not isinstance(failure, Interrupted):
-        try:  # after the summary: the card pushed carries its dates and totals
-            pushed = exporter.finish()
-            summary["hub"] = {"repo": pushed.repo_id, "commit": pushed.commit, "shards": pushed.shards_on_hub}
-        except hub.HubError as err:
-            summary["hub"] = {"repo": config.output.push_to_hub, "error": str(err)}
-            failure = failure or err
-            summary["stopped"] = str(failure)
-        write_summary(store, summary)
-    if failure is not None:
-        failure.summary = summary
-        raise failure
-    return RunResult(summary, store)
+    return failure
 
 
 def run_summary(config: Config, store: RunStore, stats: Stats, rows_from_log: int, started: float,
