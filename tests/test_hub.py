@@ -305,3 +305,35 @@ def test_card_reads_features_from_the_shards_and_tolerates_missing_keys(tmp_path
         split="train", data_glob="data/train-*.parquet")))
     assert solo["dataset_info"]["features"] == features._to_yaml_list()
     assert "Cost: $0.2500" in render_card(tmp_path, config, {"cost_usd": 0.25}, layout)
+
+
+@pytest.fixture
+def hub_factories():
+    """huggingface_hub's installed client factories, put back after the test."""
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    saved = (_http._GLOBAL_CLIENT_FACTORY, _http._GLOBAL_ASYNC_CLIENT_FACTORY)
+    yield _http
+    huggingface_hub.set_client_factory(saved[0])
+    huggingface_hub.set_async_client_factory(saved[1])
+
+
+def test_hub_timeouts_keep_the_callers_client_factory(hub_factories):
+    """bound_hub_calls adds a timeout to the clients of the factory installed before it (a caller's
+    proxies or headers survive), keeps a timeout the caller set, and does not wrap itself."""
+    import httpx2
+    import huggingface_hub
+
+    from capstream.hub import bound_hub_calls
+
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(headers={"x-mine": "1"}, timeout=None))
+    huggingface_hub.set_async_client_factory(lambda: httpx2.AsyncClient(timeout=httpx2.Timeout(3.0, read=None)))
+    bound_hub_calls(7)
+    bound_hub_calls(9)  # a second run in the same process: the new timeout, not a second wrapper
+    with hub_factories._GLOBAL_CLIENT_FACTORY() as client:
+        assert client.headers["x-mine"] == "1"
+        assert (client.timeout.connect, client.timeout.read, client.timeout.write, client.timeout.pool) == (9, 9, 9, 9)
+    made = hub_factories._GLOBAL_ASYNC_CLIENT_FACTORY()
+    assert (made.timeout.connect, made.timeout.read) == (3.0, 9)
+    assert hub_factories._GLOBAL_CLIENT_FACTORY.capstream_wraps.__name__ == "<lambda>"
