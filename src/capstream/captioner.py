@@ -21,7 +21,7 @@ import hashlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from langchain_core.language_models import BaseChatModel
@@ -29,7 +29,7 @@ from langchain_core.language_models import BaseChatModel
 from .answers import RecentAnswers, ResponseCache, content_key, default_cache_dir
 from .config import Config, redact_url, resolve_config
 from .errors import ConfigError, Failure, RequestFailed, RowError, RunStopped
-from .images import PreparedImage, prepare_image
+from .images import PreparedImage, load_image_bytes, prepare_image
 from .limits import RateLimits
 from .model_call import Answer, ImageRequest, ModelCall
 from .models import (OPENAI_COMPATIBLE, api_key, async_http_client, build_chat_model, check_model_config,
@@ -105,6 +105,10 @@ class CaptionSession:
         keep = cfg.run.cache and cfg.model.provider != "mock"
         self.bought = ResponseCache(cfg.run.cache_dir or default_cache_dir()) if keep else RecentAnswers()
         self._in_flight: dict[str, asyncio.Future] = {}
+        # Set to a dict by a caller that writes the rows out (the engine): image files the rows name
+        # by path only (a Hub repo's images), as read to prepare them, for the shard writer to embed
+        # (and drop) instead of downloading them again.
+        self.files_read: dict[str, bytes] | None = None
         asked_of = self._model_identity() if captioner.llm is None else {"llm": _llm_identity(captioner.llm)}
         # What decides each prompt's answers apart from its rendered text and the image, computed
         # once here rather than per request: the cache key's fixed part, the request's options.
@@ -122,7 +126,11 @@ class CaptionSession:
         img = self.config.image
 
         def prepare_and_hash() -> tuple[PreparedImage, str]:
-            image = prepare_image(value, max_side=img.max_side, quality=img.quality, base_dir=self.base_dir,
+            source = value
+            if self.files_read is not None and isinstance(value, Mapping) and not value.get("bytes") and value.get("path"):
+                source = load_image_bytes(value, base_dir=self.base_dir)
+                self.files_read[value["path"]] = source
+            image = prepare_image(source, max_side=img.max_side, quality=img.quality, base_dir=self.base_dir,
                                   target_size=self._sent_size)
             return image, hashlib.sha256(image.data).hexdigest()
 
