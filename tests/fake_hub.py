@@ -13,7 +13,8 @@ dataset repo and to push one, with ``HF_HUB_DISABLE_XET=1`` (plain LFS uploads):
 
 Knobs: ``hang`` (accept every connection, never answer), ``fail(route, status, times)`` (answer
 the next ``times`` requests of a route with ``status``), ``tokens`` (valid bearer tokens; private
-repos and every write need one). Counters: ``calls`` (per route), ``repos`` (inspect the content).
+repos and every write need one). Counters: ``calls`` (per route), ``bytes_served`` (per file),
+``repos`` (inspect the content).
 
     with FakeHub(tokens={"hf_secret"}) as hub:
         env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_secret"}
@@ -107,6 +108,7 @@ class FakeHub(LoopbackServer):
         self.repos: dict[str, _Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
         self.calls: collections.Counter[str] = collections.Counter()
+        self.bytes_served: collections.Counter[str] = collections.Counter()  # file path -> bytes sent by GET
         self.auth_seen: list[str | None] = []  # the Authorization header of every request
         self._faults: dict[str, list[int]] = {}
         self._lock = threading.Lock()
@@ -316,6 +318,7 @@ class FakeHub(LoopbackServer):
         if request.method == "HEAD":
             headers["Content-Length"] = str(len(data))
             return web.Response(status=status, headers=headers)
+        self.bytes_served[path] += len(data)
         return web.Response(body=data, status=status, headers=headers, content_type="application/octet-stream")
 
     async def _h_preupload(self, request, repo, rev):

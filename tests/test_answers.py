@@ -134,3 +134,34 @@ def test_an_unusable_cache_is_skipped_with_a_warning(tmp_path, caplog):
     cache.put("k", "v")
     assert cache.get("k") is None and len(cache) == 0
     assert "going on without it" in caplog.text
+
+
+def test_a_model_given_in_code_finds_its_answers_in_a_later_run(server, tmp_path):
+    """A chat model built again for a new run (new client objects, so a new repr) with the same
+    parameters is the same model to the cache; other parameters make another. Every run in the same
+    process works, although langchain-openai's shared HTTP client belongs to the first run's loop."""
+    from langchain_openai import ChatOpenAI
+
+    from capstream import run
+
+    rows, broken = make_rows(30, broken_every=10)
+    data = write_parquet(tmp_path / "d.parquet", rows)
+
+    def chat_model(temperature: float) -> ChatOpenAI:
+        return ChatOpenAI(model="fake-vlm", base_url=server.url, api_key="k", temperature=temperature, max_retries=0)
+
+    def run_with(llm: ChatOpenAI, out: str, **prompt) -> None:
+        server.reset_counters()
+        config = write_config(tmp_path / f"{out}.yaml", server.url, data, tmp_path / out, **prompt)
+        run(str(config), llm=llm, show_progress=False)
+        check_output(tmp_path / out, rows, broken)
+
+    first = chat_model(0.0)
+    run_with(first, "first")
+    assert server.requests == 30 - len(broken)
+    run_with(chat_model(0.0), "again")
+    assert server.requests == 0
+    run_with(chat_model(0.5), "warmer")
+    assert server.requests == 30 - len(broken)
+    run_with(first, "same-object", prompt={"text": "Describe this image briefly."})
+    assert server.requests == 30 - len(broken)

@@ -275,9 +275,11 @@ def test_images_stored_as_files_in_the_repo(hub, server, tmp_path, layout, strea
     ds = datasets.Dataset.from_parquet([str(p) for p in sorted((out / "data").glob("*.parquet"))])
     assert ds["id"][:] == list(range(n))
     assert ds["caption"][:] == [expected_caption(i) for i in range(n)], ds["error"][:]
-    if layout == "imagefolder":  # the output stands alone: the repo's image files are embedded as bytes
-        assert [img["bytes"] for img in ds.cast_column("image", datasets.Image(decode=False))["image"]] == \
-            [images[f"pics/{i}.jpg"] for i in range(n)]
+    # The output stands alone: the repo's image files are embedded as bytes.
+    assert [img["bytes"] for img in ds.cast_column("image", datasets.Image(decode=False))["image"]] == \
+        [images[f"pics/{i}.jpg"] for i in range(n)]
+    # Each image file came from the Hub once: read to caption, and embedded from what was read.
+    assert {path: hub.bytes_served[path] for path in images} == {path: len(data) for path, data in images.items()}
 
 
 def test_card_reads_features_from_the_shards_and_tolerates_missing_keys(tmp_path):
@@ -305,3 +307,35 @@ def test_card_reads_features_from_the_shards_and_tolerates_missing_keys(tmp_path
         split="train", data_glob="data/train-*.parquet")))
     assert solo["dataset_info"]["features"] == features._to_yaml_list()
     assert "Cost: $0.2500" in render_card(tmp_path, config, {"cost_usd": 0.25}, layout)
+
+
+@pytest.fixture
+def hub_factories():
+    """huggingface_hub's installed client factories, put back after the test."""
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    saved = (_http._GLOBAL_CLIENT_FACTORY, _http._GLOBAL_ASYNC_CLIENT_FACTORY)
+    yield _http
+    huggingface_hub.set_client_factory(saved[0])
+    huggingface_hub.set_async_client_factory(saved[1])
+
+
+def test_hub_timeouts_keep_the_callers_client_factory(hub_factories):
+    """bound_hub_calls adds a timeout to the clients of the factory installed before it (a caller's
+    proxies or headers survive), keeps a timeout the caller set, and does not wrap itself."""
+    import httpx2
+    import huggingface_hub
+
+    from capstream.hub import bound_hub_calls
+
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(headers={"x-mine": "1"}, timeout=None))
+    huggingface_hub.set_async_client_factory(lambda: httpx2.AsyncClient(timeout=httpx2.Timeout(3.0, read=None)))
+    bound_hub_calls(7)
+    bound_hub_calls(9)  # a second run in the same process: the new timeout, not a second wrapper
+    with hub_factories._GLOBAL_CLIENT_FACTORY() as client:
+        assert client.headers["x-mine"] == "1"
+        assert (client.timeout.connect, client.timeout.read, client.timeout.write, client.timeout.pool) == (9, 9, 9, 9)
+    made = hub_factories._GLOBAL_ASYNC_CLIENT_FACTORY()
+    assert (made.timeout.connect, made.timeout.read) == (3.0, 9)
+    assert hub_factories._GLOBAL_CLIENT_FACTORY.capstream_wraps.__name__ == "<lambda>"

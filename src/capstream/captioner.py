@@ -21,7 +21,7 @@ import hashlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from langchain_core.language_models import BaseChatModel
@@ -29,10 +29,11 @@ from langchain_core.language_models import BaseChatModel
 from .answers import RecentAnswers, ResponseCache, content_key, default_cache_dir
 from .config import Config, redact_url, resolve_config
 from .errors import ConfigError, Failure, RequestFailed, RowError, RunStopped
-from .images import PreparedImage, prepare_image
+from .images import PreparedImage, load_image_bytes, prepare_image
 from .limits import RateLimits
 from .model_call import Answer, ImageRequest, ModelCall
-from .models import OPENAI_COMPATIBLE, api_key, async_http_client, build_chat_model, check_model_config
+from .models import (OPENAI_COMPATIBLE, api_key, async_http_client, build_chat_model, check_model_config,
+                     shares_default_http_client, with_http_client)
 from .prices import check_cost_settings, image_tokens, sent_size
 from .prompts import InvalidAnswer, Prompt, compile_prompts
 from .results import PromptAnswer, RowResult, Stats, output_columns, row_result
@@ -60,6 +61,16 @@ class _PromptAsk:
     max_tokens: int | None
 
 
+def _llm_identity(llm: Any) -> str:
+    """What identifies a chat model given in code, the same in every run: the string LangChain's own
+    response cache keys it by (class and parameters, secrets as placeholders). ``repr`` is only the
+    fallback: it names client objects by memory address, so it differs between runs."""
+    try:
+        return llm._get_llm_string()
+    except Exception:  # not a LangChain chat model, or one whose parameters do not serialise
+        return repr(llm)
+
+
 class CaptionSession:
     """Everything bound to one event loop; create with ``Captioner.session()`` inside that loop."""
 
@@ -69,11 +80,14 @@ class CaptionSession:
         self.config = cfg
         self.prompts = captioner.prompts
         # Our own HTTP client per session (so per loop): the SDK's default one is cached process-wide
-        # and bound to the first loop that uses it.
-        self._http = None
-        if captioner.llm is None and cfg.model.provider in OPENAI_COMPATIBLE:
+        # and bound to the first loop that uses it. So does a model given in code that would use it.
+        llm, self._http = captioner.llm, None
+        if (llm is None and cfg.model.provider in OPENAI_COMPATIBLE) or (llm is not None and shares_default_http_client(llm)):
             self._http = async_http_client(cfg.model.timeout_s)
-        llm = captioner.llm if captioner.llm is not None else build_chat_model(cfg.model, self._http)
+        if llm is None:
+            llm = build_chat_model(cfg.model, self._http)
+        elif self._http is not None:
+            llm = with_http_client(llm, self._http)
         self.call: ModelCall | WorkerPool = ModelCall(llm)
         if cfg.run.workers > 1:  # more processes send requests; limits and retries stay here
             self.call = WorkerPool(cfg.model, processes=cfg.run.workers - 1, local=self.call)
@@ -91,7 +105,11 @@ class CaptionSession:
         keep = cfg.run.cache and cfg.model.provider != "mock"
         self.bought = ResponseCache(cfg.run.cache_dir or default_cache_dir()) if keep else RecentAnswers()
         self._in_flight: dict[str, asyncio.Future] = {}
-        asked_of = self._model_identity() if captioner.llm is None else {"llm": repr(captioner.llm)}
+        # Set to a dict by a caller that writes the rows out (the engine): image files the rows name
+        # by path only (a Hub repo's images), as read to prepare them, for the shard writer to embed
+        # (and drop) instead of downloading them again.
+        self.files_read: dict[str, bytes] | None = None
+        asked_of = self._model_identity() if captioner.llm is None else {"llm": _llm_identity(captioner.llm)}
         # What decides each prompt's answers apart from its rendered text and the image, computed
         # once here rather than per request: the cache key's fixed part, the request's options.
         self._asks = {p.name: _PromptAsk({**asked_of, **p.identity(), "detail": cfg.image.detail},
@@ -108,7 +126,11 @@ class CaptionSession:
         img = self.config.image
 
         def prepare_and_hash() -> tuple[PreparedImage, str]:
-            image = prepare_image(value, max_side=img.max_side, quality=img.quality, base_dir=self.base_dir,
+            source = value
+            if self.files_read is not None and isinstance(value, Mapping) and not value.get("bytes") and value.get("path"):
+                source = load_image_bytes(value, base_dir=self.base_dir)
+                self.files_read[value["path"]] = source
+            image = prepare_image(source, max_side=img.max_side, quality=img.quality, base_dir=self.base_dir,
                                   target_size=self._sent_size)
             return image, hashlib.sha256(image.data).hexdigest()
 

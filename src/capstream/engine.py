@@ -78,6 +78,7 @@ class Runner:
         self.session = self.captioner.session(base_dir=self.source.base_dir)
         self.session.stats = self.stats
         self.session.stopping = self.stop_requested
+        self.session.files_read = {}  # image files read by path, embedded by _write without a second read
         self.session.before_send = self.before_send
         self.window = asyncio.Semaphore(cfg.run.window_chunks)
         self.row_slots = asyncio.Semaphore(2 * cfg.limits.max_concurrency)
@@ -199,7 +200,8 @@ class Runner:
         results = [chunk.results[i] for i in range(len(chunk))]
         columns = {**chunk.columns, **self.captioner.output_columns(results)}
         try:
-            await asyncio.to_thread(self.store.write_shard, chunk.index, columns, self.features, self.source.base_dir)
+            await asyncio.to_thread(self.store.write_shard, chunk.index, columns, self.features, self.source.base_dir,
+                                    self.session.files_read)
             counts = Stats()
             for r in results:
                 counts.add(r)

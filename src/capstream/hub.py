@@ -52,26 +52,40 @@ class HubError(RunStopped):
 def bound_hub_calls(timeout_s: float) -> None:
     """Give huggingface_hub's HTTP clients a timeout (its default clients have none).
 
-    Installs client factories built from huggingface_hub's own (its event hooks, redirects) with
-    ``timeout_s`` for connect, read, write and pool. Process-wide, so it also bounds the reading of
-    a Hub dataset; called by ``run()`` and ``push_folder()``, never on import.
+    Wraps the client factories installed now (huggingface_hub's own, with their event hooks and
+    redirects, or a caller's, with its proxies and headers) so that every client they make has
+    ``timeout_s`` wherever it has no timeout of its own (connect, read, write, pool). Process-wide,
+    so it also bounds the reading of a Hub dataset; called by ``run()`` and ``push_folder()``, never
+    on import. Calling it again replaces the timeout rather than wrapping twice.
     """
     import httpx2
     import huggingface_hub
-    from huggingface_hub.utils import _http  # the default factories have no public name
+    from huggingface_hub.utils import _http  # the installed factories have no public getter
 
-    timeout = httpx2.Timeout(timeout_s)
+    def bounded(made: Any) -> Any:
+        own = made.timeout
+        made.timeout = httpx2.Timeout(
+            connect=timeout_s if own.connect is None else own.connect,
+            read=timeout_s if own.read is None else own.read,
+            write=timeout_s if own.write is None else own.write,
+            pool=timeout_s if own.pool is None else own.pool,
+        )
+        return made
+
+    def installed(name: str, default: Any) -> Any:
+        factory = getattr(_http, name, default)
+        return getattr(factory, "capstream_wraps", factory)
+
+    make_client = installed("_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+    make_async_client = installed("_GLOBAL_ASYNC_CLIENT_FACTORY", _http.default_async_client_factory)
 
     def client() -> httpx2.Client:
-        made = _http.default_client_factory()
-        made.timeout = timeout
-        return made
+        return bounded(make_client())
 
     def async_client() -> httpx2.AsyncClient:
-        made = _http.default_async_client_factory()
-        made.timeout = timeout
-        return made
+        return bounded(make_async_client())
 
+    client.capstream_wraps, async_client.capstream_wraps = make_client, make_async_client
     huggingface_hub.set_client_factory(client)
     huggingface_hub.set_async_client_factory(async_client)
 

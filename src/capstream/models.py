@@ -121,6 +121,27 @@ def build_chat_model(cfg: ModelConfig, http_async_client: Any = None) -> BaseCha
         raise ConfigError(f"model.provider: cannot build {cfg.provider!r} model {cfg.name!r}: {err}") from None
 
 
+def shares_default_http_client(llm: BaseChatModel) -> bool:
+    """Whether a chat model given in code sends through langchain-openai's process-wide client.
+
+    langchain-openai caches that client, and its connections belong to the event loop that first
+    used it: a second run in the same process (a notebook running a cell again) would fail every
+    request with "Event loop is closed". Such a model gets a client per run (``with_http_client``);
+    a model given its own ``http_async_client`` keeps it.
+    """
+    root = getattr(llm, "root_async_client", None)
+    return root is not None and hasattr(root, "with_options") and getattr(llm, "http_async_client", None) is None
+
+
+def with_http_client(llm: BaseChatModel, http_async_client: Any) -> BaseChatModel:
+    """A copy of an OpenAI-family chat model that sends through ``http_async_client``, every other
+    setting of its SDK client kept (``with_options``)."""
+    copy = llm.model_copy()
+    copy.root_async_client = llm.root_async_client.with_options(http_client=http_async_client)
+    copy.async_client = copy.root_async_client.chat.completions
+    return copy
+
+
 def build_messages(text: str, system: str | None, data_url: str, detail: str) -> list[BaseMessage]:
     """The chat messages for one image: optional system message, then text + image."""
     messages: list[BaseMessage] = [SystemMessage(content=system)] if system else []

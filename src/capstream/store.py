@@ -70,12 +70,18 @@ def output_features(source: datasets.Features | None, added: dict[str, Any], err
     return datasets.Features(out)
 
 
-def _embed_image_files(values: list, base_dir: str | None) -> list:
-    """Images stored as local paths get their file's bytes, so the output folder stands alone."""
+def _embed_image_files(values: list, base_dir: str | None, files_read: dict[str, bytes] | None = None) -> list:
+    """Images stored as paths (local, or files of a Hub repo) get their file's bytes, so the output
+    folder stands alone; taken from ``files_read`` (path as in the row -> bytes, emptied as used)
+    when the run already read them."""
     out = []
     for v in values:
         if isinstance(v, dict) and v.get("bytes") is None and v.get("path"):
             path = v["path"]
+            data = files_read.pop(path, None) if files_read is not None else None
+            if data is not None:
+                out.append({"bytes": data, "path": os.path.basename(path)})
+                continue
             if base_dir and not os.path.isabs(path) and not path.startswith("hf://") and not os.path.exists(path):
                 path = f"{base_dir}/{path}" if base_dir.startswith("hf://") else os.path.join(base_dir, path)
             try:
@@ -264,13 +270,14 @@ class RunStore:
         return sorted((self.dir / "data").glob(f"{self.split}-*.parquet"))
 
     def write_shard(self, chunk_index: int, columns: dict[str, list], features: datasets.Features | None,
-                    base_dir: str | None) -> None:
-        """Write one finished chunk as a parquet shard, atomically (runs in a worker thread)."""
+                    base_dir: str | None, files_read: dict[str, bytes] | None = None) -> None:
+        """Write one finished chunk as a parquet shard, atomically (runs in a worker thread).
+        ``files_read``: image files already read by path (see ``_embed_image_files``)."""
         columns = dict(columns)
         if features is not None:
             for name, feature in features.items():
                 if isinstance(feature, datasets.Image):
-                    columns[name] = _embed_image_files(columns[name], base_dir)
+                    columns[name] = _embed_image_files(columns[name], base_dir, files_read)
             table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
         else:
             table = pa.Table.from_pydict(columns)
