@@ -84,3 +84,70 @@ def test_a_half_written_last_line_is_cut_and_earlier_answers_kept(tmp_path):
     store.results_path.write_bytes(b'{"i": 0, "k": 1, "c": "half, no newline at all')
     RunStore(tmp_path / "out", "train").open({"x": 1}, 10)
     assert store.results_path.read_bytes() == b""
+
+
+def _log_rows(store, chunks, rows_per_chunk=3):
+    from capstream.results import PromptAnswer
+
+    for chunk in chunks:
+        for row in range(rows_per_chunk):
+            key = chunk * rows_per_chunk + row
+            store.log_answer(chunk, key, "caption", PromptAnswer(f"caption {key}", None, 10, 2))
+
+
+def test_sealed_log_segments_are_not_read_once_their_chunks_are_done(tmp_path, monkeypatch):
+    """The results log is sealed into segments, each with a summary written last; a rerun reads no
+    segment whose chunks are all done, and still counts every token paid."""
+    from capstream.store import RunStore
+
+    monkeypatch.setattr(RunStore, "segment_bytes", 300)  # a segment holds about four answers
+    store = RunStore(tmp_path / "out", "train")
+    store.open({"x": 1}, 3)
+    _log_rows(store, range(6))
+    store.close()
+    state = tmp_path / "out" / ".capstream"
+    segments = sorted(state.glob("results.0*.jsonl"))
+    assert len(segments) >= 3 and all((state / (p.name + ".summary.json")).exists() for p in segments)
+    summaries = {p: json.loads((state / (p.name + ".summary.json")).read_text()) for p in segments}
+    active = list(store._records(store.results_path)) if store.results_path.exists() else []
+    assert sum(s["paid"][0] for s in summaries.values()) + sum(r["ti"] for r in active) == 18 * 10
+
+    def resume(done):
+        again = RunStore(tmp_path / "out", "train")
+        again.open({"x": 1}, 3)
+        found = again.logged_results(done)
+        return {key: by_prompt["caption"]["v"] for key, by_prompt in found.items()}, again.paid_tokens()
+
+    expected = {key: f"caption {key}" for key in range(9, 18)}  # chunks 3, 4, 5
+    assert resume({0, 1, 2}) == (expected, (180, 36))
+    # A segment of done chunks only is not read: emptying one changes nothing.
+    done_only = next(p for p, s in summaries.items() if set(s["chunks"]) <= {0, 1, 2})
+    done_only.write_bytes(b"")
+    assert resume({0, 1, 2}) == (expected, (180, 36))
+    # A segment whose summary is missing (killed between the rename and the summary) is read whole.
+    needed = next(p for p, s in summaries.items() if set(s["chunks"]) & {3, 4, 5})
+    (state / (needed.name + ".summary.json")).unlink()
+    assert resume({0, 1, 2}) == (expected, (180, 36))
+
+
+def test_runs_resume_and_retry_across_log_segments(server, tmp_path, monkeypatch):
+    """The engine through sealed segments: --retry-errors and a rerun of a finished run."""
+    from capstream import run
+    from capstream.store import RunStore
+
+    monkeypatch.setattr(RunStore, "segment_bytes", 2000)
+    config, rows, broken = _setup(server, tmp_path)
+    refused = {3, 30, 77}
+    sizes = {f"{64 + i % 400}x{48 + i // 400 + i % 7}" for i in refused}
+    server.status_for = lambda info: 400 if f"{info.width}x{info.height}" in sizes else None
+    run(str(config), show_progress=False)
+    assert len(list((tmp_path / "out" / ".capstream").glob("results.0*.jsonl.summary.json"))) >= 3
+    server.status_for = None
+    server.reset_counters()
+    run(str(config), retry_errors=True, show_progress=False)
+    assert server.requests == len(refused)
+    check_output(tmp_path / "out", rows, broken)
+    server.reset_counters()
+    summary = run(str(config), show_progress=False).summary
+    assert server.requests == 0 and summary["complete"]
+    assert summary["paid_input_tokens"] == json.loads((tmp_path / "out" / "summary.json").read_text())["paid_input_tokens"]

@@ -6,12 +6,16 @@ Layout of ``output.dir``::
     README.md                     the dataset card (sinks.py)
     summary.json                  the last run's report
     .capstream/results.jsonl      every answer, appended the moment it arrives
+    .capstream/results.000001.jsonl  a sealed segment of it (the log is sealed every 64 MB) ...
+    .capstream/results.000001.jsonl.summary.json  ... and what it holds: its chunks, the tokens paid
     .capstream/manifest.json      fingerprint, chunk size, finished chunks: written last, atomically
     .capstream/config.json        the resolved config, without secrets
 
 Progress is recorded datatrove-style: a chunk counts as done only once its shard has been renamed
 into place *and* the manifest says so; a rerun skips done chunks and re-uses logged answers for the
-rest, so no answer is paid for twice.
+rest, so no answer is paid for twice. The same goes for the log's segments: a segment's summary is
+written last, and a rerun reads no segment whose summary says all its chunks are done, so resuming
+a 10M-row run reads the last segments, not every answer ever logged.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .errors import ConfigError, ImageError, RunStopped
 from .images import load_image_bytes
 
 STATE_DIR = ".capstream"
+SEGMENT_SUFFIX = ".summary.json"  # next to a sealed results-log segment: its chunks and paid tokens
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -100,6 +105,8 @@ class RunStore:
     """One run's ``output.dir``. Not thread-safe: the engine calls it from its event loop only,
     except ``write_shard``, which touches nothing shared and runs in a worker thread."""
 
+    segment_bytes = 64 * 2**20  # this process's results log is sealed into a segment at this size
+
     def __init__(self, out_dir: str | os.PathLike, split: str, *, results_name: str = "results.jsonl"):
         self.dir = Path(out_dir)
         self.split = split
@@ -111,6 +118,7 @@ class RunStore:
         self.manifest: dict[str, Any] = {}
         self._paid: tuple[int, int] | None = None  # tokens in the results logs, once counted
         self._log = None
+        self._log_bytes = 0
 
     # -- opening, fingerprint, resume --------------------------------------------------------------
 
@@ -153,9 +161,11 @@ class RunStore:
         (self.state / "manifest.json").unlink(missing_ok=True)
         for log in self.results_logs():
             log.unlink()
+            _summary_path(log).unlink(missing_ok=True)
 
     def results_logs(self) -> list[Path]:
-        """Every results log in the state folder: this process's and the Ray workers' ones."""
+        """Every results log in the state folder: this process's and the Ray workers' ones, and
+        their sealed segments."""
         return sorted(self.state.glob("results*.jsonl")) if self.state.is_dir() else []
 
     def _repair_log_tail(self, log: Path) -> None:
@@ -202,6 +212,10 @@ class RunStore:
         found: dict[Any, dict[str, dict]] = {}
         paid_in = paid_out = 0
         for log in self.results_logs():
+            summary = _read_summary(log)
+            if summary is not None and set(summary["chunks"]) <= skip:  # nothing in it is needed
+                paid_in, paid_out = paid_in + summary["paid"][0], paid_out + summary["paid"][1]
+                continue
             in_log = {}
             for r in self._records(log):
                 paid_in += r.get("ti") or 0
@@ -226,6 +240,10 @@ class RunStore:
             return self._paid
         paid_in = paid_out = 0
         for log in self.results_logs():
+            summary = _read_summary(log)
+            if summary is not None:
+                paid_in, paid_out = paid_in + summary["paid"][0], paid_out + summary["paid"][1]
+                continue
             for record in self._records(log):
                 paid_in += record.get("ti") or 0
                 paid_out += record.get("to") or 0
@@ -258,10 +276,32 @@ class RunStore:
         try:
             if self._log is None:
                 self._log = open(self.results_path, "ab", buffering=0)
+                self._log_bytes = self._log.seek(0, os.SEEK_END)
             if self._log.write(line) != len(line):
                 raise OSError(errno.ENOSPC, "short write (disk full?)")
+            self._log_bytes += len(line)
+            if self._log_bytes >= self.segment_bytes:
+                self._seal_log()
         except OSError as err:
             raise RunStopped(f"cannot write {self.results_path}: {err.strerror or err}") from None
+
+    def _seal_log(self) -> None:
+        """Rename this process's log to the next segment and write the segment's summary, last: a
+        kill in between leaves a segment without one, which a rerun reads whole, as before."""
+        os.fsync(self._log.fileno())
+        self._log.close()
+        self._log, self._log_bytes = None, 0
+        stem = self.results_path.name[: -len(".jsonl")]
+        numbers = [int(p.name[len(stem) + 1: -len(".jsonl")]) for p in self.state.glob(f"{stem}.*.jsonl")
+                   if p.name[len(stem) + 1: -len(".jsonl")].isdigit()]
+        segment = self.state / f"{stem}.{max(numbers, default=0) + 1:06d}.jsonl"
+        os.replace(self.results_path, segment)
+        chunks, paid_in, paid_out = set(), 0, 0
+        for record in self._records(segment):
+            chunks.add(record["i"])
+            paid_in += record.get("ti") or 0
+            paid_out += record.get("to") or 0
+        atomic_write_json(_summary_path(segment), {"chunks": sorted(chunks), "paid": [paid_in, paid_out]})
 
     def shard_path(self, chunk_index: int) -> Path:
         return self.dir / "data" / f"{self.split}-{chunk_index:06d}.parquet"
@@ -318,6 +358,20 @@ class RunStore:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _summary_path(log: Path) -> Path:
+    return log.with_name(log.name + SEGMENT_SUFFIX)
+
+
+def _read_summary(log: Path) -> dict | None:
+    """A sealed segment's summary; None for a log still appended to, or one sealed by a run that
+    was killed before it wrote the summary (read whole, then)."""
+    try:
+        summary = json.loads(_summary_path(log).read_text())
+        return summary if isinstance(summary.get("chunks"), list) and len(summary.get("paid", ())) == 2 else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _hashable(key: Any) -> Any:
