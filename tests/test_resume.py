@@ -136,6 +136,7 @@ def test_runs_resume_and_retry_across_log_segments(server, tmp_path, monkeypatch
     from capstream.store import RunStore
 
     monkeypatch.setattr(RunStore, "segment_bytes", 2000)
+    monkeypatch.setenv("FAKE_KEY", "sk-test-secret-123")
     config, rows, broken = _setup(server, tmp_path)
     refused = {3, 30, 77}
     sizes = {f"{64 + i % 400}x{48 + i // 400 + i % 7}" for i in refused}
