@@ -101,10 +101,11 @@ def test_sealed_log_segments_are_not_read_once_their_chunks_are_done(tmp_path, m
     from capstream.store import RunStore
 
     monkeypatch.setattr(RunStore, "segment_bytes", 300)  # a segment holds about four answers
-    store = RunStore(tmp_path / "out", "train")
-    store.open({"x": 1}, 3)
-    _log_rows(store, range(6))
-    store.close()
+    for chunks in (range(3), range(3, 6)):  # two runs: the second appends to the first's open segment
+        store = RunStore(tmp_path / "out", "train")
+        store.open({"x": 1}, 3)
+        _log_rows(store, chunks)
+        store.close()
     state = tmp_path / "out" / ".capstream"
     segments = sorted(state.glob("results.0*.jsonl"))
     assert len(segments) >= 3 and all((state / (p.name + ".summary.json")).exists() for p in segments)

@@ -134,7 +134,7 @@ def test_worker_processes_give_the_same_output(server, source_300, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", server.url, data_file, out, run={"workers": 2, "chunk_size": 64},
                           limits={"max_concurrency": 8})
-    server.latency = 0.15  # long enough for the worker process to start (it imports LangChain)
+    server.latency = 0.25  # long enough for the worker process to start (it imports LangChain)
     result = run_cli("run", str(config))
     assert result.returncode == 0, result.stderr
     check_output(out, rows, broken)
@@ -151,7 +151,7 @@ def test_worker_processes_from_a_script_without_a_main_guard(server, source_300,
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", server.url, data_file, out, run={"workers": 2, "chunk_size": 64},
                           limits={"max_concurrency": 8})
-    server.latency = 0.15
+    server.latency = 0.25
     script = tmp_path / "caption.py"
     script.write_text(f"from capstream import run\nrun({str(config)!r}, show_progress=False)\nprint('ran')\n")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,

@@ -82,7 +82,7 @@ class CaptionSession:
         # Our own HTTP client per session (so per loop): the SDK's default one is cached process-wide
         # and bound to the first loop that uses it. So does a model given in code that would use it.
         llm, self._http = captioner.llm, None
-        if (llm is None and cfg.model.provider in OPENAI_COMPATIBLE) or (llm is not None and shares_default_http_client(llm)):
+        if shares_default_http_client(llm) if llm is not None else cfg.model.provider in OPENAI_COMPATIBLE:
             self._http = async_http_client(cfg.model.timeout_s)
         if llm is None:
             llm = build_chat_model(cfg.model, self._http)
@@ -127,7 +127,8 @@ class CaptionSession:
 
         def prepare_and_hash() -> tuple[PreparedImage, str]:
             source = value
-            if self.files_read is not None and isinstance(value, Mapping) and not value.get("bytes") and value.get("path"):
+            by_path = isinstance(value, Mapping) and not value.get("bytes") and value.get("path")
+            if by_path and self.files_read is not None:
                 source = load_image_bytes(value, base_dir=self.base_dir)
                 self.files_read[value["path"]] = source
             image = prepare_image(source, max_side=img.max_side, quality=img.quality, base_dir=self.base_dir,

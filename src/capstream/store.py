@@ -119,6 +119,7 @@ class RunStore:
         self._paid: tuple[int, int] | None = None  # tokens in the results logs, once counted
         self._log = None
         self._log_bytes = 0
+        self._log_tally = _Tally()
 
     # -- opening, fingerprint, resume --------------------------------------------------------------
 
@@ -277,9 +278,15 @@ class RunStore:
             if self._log is None:
                 self._log = open(self.results_path, "ab", buffering=0)
                 self._log_bytes = self._log.seek(0, os.SEEK_END)
+                # What the log already holds (an earlier run's answers), for the segment's summary.
+                self._log_tally = _Tally()
+                if self._log_bytes:
+                    for record in self._records(self.results_path):
+                        self._log_tally.add(record["i"], record.get("ti"), record.get("to"))
             if self._log.write(line) != len(line):
                 raise OSError(errno.ENOSPC, "short write (disk full?)")
             self._log_bytes += len(line)
+            self._log_tally.add(chunk_index, answer.input_tokens, answer.output_tokens)
             if self._log_bytes >= self.segment_bytes:
                 self._seal_log()
         except OSError as err:
@@ -296,12 +303,7 @@ class RunStore:
                    if p.name[len(stem) + 1: -len(".jsonl")].isdigit()]
         segment = self.state / f"{stem}.{max(numbers, default=0) + 1:06d}.jsonl"
         os.replace(self.results_path, segment)
-        chunks, paid_in, paid_out = set(), 0, 0
-        for record in self._records(segment):
-            chunks.add(record["i"])
-            paid_in += record.get("ti") or 0
-            paid_out += record.get("to") or 0
-        atomic_write_json(_summary_path(segment), {"chunks": sorted(chunks), "paid": [paid_in, paid_out]})
+        atomic_write_json(_summary_path(segment), self._log_tally.summary())
 
     def shard_path(self, chunk_index: int) -> Path:
         return self.dir / "data" / f"{self.split}-{chunk_index:06d}.parquet"
@@ -358,6 +360,22 @@ class RunStore:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class _Tally:
+    """What a results-log segment holds, counted as it is written: its chunks and the tokens paid."""
+
+    def __init__(self) -> None:
+        self.chunks: set[int] = set()
+        self.paid = [0, 0]
+
+    def add(self, chunk_index: int, input_tokens: int | None, output_tokens: int | None) -> None:
+        self.chunks.add(chunk_index)
+        self.paid[0] += input_tokens or 0
+        self.paid[1] += output_tokens or 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"chunks": sorted(self.chunks), "paid": list(self.paid)}
 
 
 def _summary_path(log: Path) -> Path:
