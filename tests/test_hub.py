@@ -339,3 +339,24 @@ def test_hub_timeouts_keep_the_callers_client_factory(hub_factories):
     made = hub_factories._GLOBAL_ASYNC_CLIENT_FACTORY()
     assert (made.timeout.connect, made.timeout.read) == (3.0, 9)
     assert hub_factories._GLOBAL_CLIENT_FACTORY.capstream_wraps.__name__ == "<lambda>"
+
+
+def test_ray_backend_pushes_to_the_hub(hub, server, source_rows, tmp_path):
+    """run.backend: ray with output.push_to_hub: the driver, which writes the shards, pushes them."""
+    pytest.importorskip("ray")
+    rows, broken, parquet = source_rows
+    hub.add_repo("alice/images", {"data/train-00000-of-00001.parquet": parquet}, private=True)
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", server.url, "unused", out,
+                          run={"chunk_size": 32, "backend": "ray", "workers": 2},
+                          dataset={"path": "alice/images", "data_files": None},
+                          output={"hub_timeout_s": 10, "push_to_hub": "alice/captions-ray", "push_every": 2})
+    result = run_cli("run", str(config), timeout=400)
+    assert result.returncode == 0, result.stderr
+    check_output(out, rows, broken)
+    check_rows(load_repo("alice/captions-ray", split="train"), rows, broken)
+    shards = sorted(p.name for p in (out / "data").glob("*.parquet"))
+    assert sorted(hub.files("alice/captions-ray")) == sorted([".gitattributes", "README.md"] + [f"data/{s}" for s in shards])
+    assert_no_secret(hub, "alice/captions-ray")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "ray" and summary["hub"]["shards"] == len(shards)

@@ -97,7 +97,7 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
     write_summary(store, summary)
     write_card(store, config, summary)
     if exporter is not None and not isinstance(failure, Interrupted):
-        failure = _push_at_end(exporter, config, store, summary, failure)
+        failure = push_at_end(exporter, config, store, summary, failure)
     if failure is not None:
         failure.summary = summary
         raise failure
@@ -149,7 +149,7 @@ def _dates(store: RunStore, started: float, *, resuming: bool, rerun_of_finished
     return {"started": (_previous(store, "started") if resuming else None) or _iso(started), "finished": finished}
 
 
-def _push_at_end(exporter: hub.HubExporter, config: Config, store: RunStore, summary: dict[str, Any],
+def push_at_end(exporter: hub.HubExporter, config: Config, store: RunStore, summary: dict[str, Any],
                  failure: RunStopped | None) -> RunStopped | None:
     """The last push, after the summary so that the card pushed carries its dates and totals; a Hub
     failure becomes the run's failure and the summary says so. Returns the run's failure."""

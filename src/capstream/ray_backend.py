@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 
@@ -185,9 +185,11 @@ def open_ray_dataset(cfg: DatasetConfig, data: Any):
 class RayRun:
     """One pass over the input on Ray into a store. Use once: ``RayRun(...).run()``."""
 
-    def __init__(self, config: Config, store: RunStore, *, retry_errors: bool, progress=None):
+    def __init__(self, config: Config, store: RunStore, *, retry_errors: bool, progress=None,
+                 on_chunk_written: Callable[[int], None] | None = None):
         self.config = config
         self.store = store
+        self.on_chunk_written = on_chunk_written  # once a shard is recorded (the Hub export listens)
         self.skip_chunks = store.done_chunks - (store.chunks_with_errors() if retry_errors else set())
         self.retry_errors = retry_errors
         self.progress = progress or (lambda n: None)
@@ -319,6 +321,9 @@ class RayRun:
             self.store.mark_done(chunk.index, counts.as_counts())
         except RunStopped as err:
             self._fail(err)
+            return
+        if self.on_chunk_written is not None:
+            self.on_chunk_written(chunk.index)
 
     def _fail(self, err: RunStopped) -> None:
         if self.failure is None:
@@ -344,7 +349,8 @@ def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: 
     """``api.run`` for ``run.backend: ray``; returns ``api.RunResult``."""
     import tempfile
 
-    from .api import RunResult, run_summary
+    from . import hub
+    from .api import RunResult, push_at_end, run_summary
     from .progress import ProgressBar
     from .sinks import write_card, write_summary
 
@@ -352,10 +358,9 @@ def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: 
     if llm is not None:
         raise ConfigError("run.backend: ray builds the model on every worker from config.model; llm= in code "
                           "is for the local backend")
-    for key, value in (("output.push_to_hub", config.output.push_to_hub), ("run.max_cost_usd", config.run.max_cost_usd)):
-        if value is not None:
-            raise ConfigError(f"{key} is not supported with run.backend: ray yet (push a finished run with "
-                              f"`capstream push`; watch the cost in summary.json)")
+    if config.run.max_cost_usd is not None:
+        raise ConfigError("run.max_cost_usd is not supported with run.backend: ray yet (watch the cost in "
+                          "summary.json)")
     Captioner(config).close()  # checks the model config and the key before anything starts
     out_dir = config.output.dir or tempfile.mkdtemp(prefix="capstream-")
     store = RunStore(out_dir, config.dataset.split)
@@ -365,7 +370,12 @@ def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: 
     store.check(fingerprint, config.run.chunk_size, overwrite=overwrite)
     store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
     atomic_write_json(store.state / "config.json", config.redacted())
-    runner = RayRun(config, store, retry_errors=retry_errors)
+    exporter = None
+    if config.output.push_to_hub:  # pushed from the driver, which alone writes the shards
+        hub.bound_hub_calls(config.output.hub_timeout_s)
+        exporter = hub.HubExporter.from_config(store.dir, config.output, config.dataset.split)
+    runner = RayRun(config, store, retry_errors=retry_errors,
+                    on_chunk_written=exporter.chunk_written if exporter else None)
     failure: RunStopped | None = None
     if not (store.complete and not runner.skip_chunks ^ store.done_chunks):  # a finished run starts no Ray
         started_ray = _init_ray(config, show_progress)
@@ -384,6 +394,8 @@ def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: 
                 import ray
 
                 ray.shutdown()
+            if exporter is not None:
+                exporter.stop()
     runner.stats.worker_requests = runner.stats.requests  # every request went from a worker
     summary = {
         **run_summary(config, store, runner.stats, runner.rows_from_log, started, failure),
@@ -394,6 +406,8 @@ def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: 
     }
     write_summary(store, summary)
     write_card(store, config, summary)
+    if exporter is not None and not runner.interrupted:
+        failure = push_at_end(exporter, config, store, summary, failure)
     if failure is not None:
         failure.summary = summary
         raise failure
