@@ -43,7 +43,7 @@ def send_plain_bodies_untransformed() -> None:
     (``openai._utils._transform``) to rename aliased keys, format dates and read files, trying every
     member of every union on the way; for a chat-completions body with an image that walk is about
     a quarter of the client's CPU per request against a local server (``python
-    scripts/bench.py --only zero`` before and after). The walk only acts on ``PropertyInfo``
+    scripts/request_cpu.py`` with and without ``--sdk-transform``). The walk only acts on ``PropertyInfo``
     annotations, on omitted parameters and on non-JSON values (models, files, dates, iterators). So
     when the declaration carries no ``PropertyInfo`` anywhere (true of chat completions) and every
     given value is plain JSON, the result is the body minus its omitted parameters, which is what

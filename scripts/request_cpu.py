@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Client CPU per request through capstream's ModelCall (LangChain's ChatOpenAI and the OpenAI SDK)
+against the fake OpenAI server with no latency, 64 requests in flight: the per-request cost that
+limits a run against a fast local endpoint.
+
+    python scripts/request_cpu.py                    # with capstream's sdk_speedups (as a run)
+    python scripts/request_cpu.py --sdk-transform    # with the SDK's own request-body transform
+"""
+
+import argparse
+import asyncio
+import base64
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench import _base_jpeg, _unique_jpeg  # noqa: E402  (the benchmark's 640x480 JPEGs)
+from capstream.config import ModelConfig  # noqa: E402
+from capstream.model_call import ImageRequest, ModelCall  # noqa: E402
+from capstream.models import async_http_client, build_chat_model  # noqa: E402
+
+
+async def measure(url: str, requests: int, sdk_transform: bool) -> float:
+    http = async_http_client(60)
+    call = ModelCall(build_chat_model(ModelConfig(provider="openai", name="fake-vlm", base_url=url, api_key_env=None),
+                                      http))
+    if sdk_transform:  # undo send_plain_bodies_untransformed
+        from openai._utils import _transform
+
+        _transform.transform = _transform.transform.__wrapped__
+        _transform.async_transform = _transform.async_transform.__wrapped__
+    base = _base_jpeg()
+    urls = ["data:image/jpeg;base64," + base64.b64encode(_unique_jpeg(base, i)).decode() for i in range(requests)]
+    slots = asyncio.Semaphore(64)
+
+    async def one(data_url: str) -> None:
+        async with slots:
+            await call(ImageRequest("Caption this image.", None, data_url, "auto"))
+
+    await asyncio.gather(*(one(u) for u in urls[:200]))  # warm up: connections, caches
+    started = time.process_time()
+    await asyncio.gather(*(one(u) for u in urls))
+    cpu = time.process_time() - started
+    await http.aclose()
+    return cpu / requests
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--sdk-transform", action="store_true", help="use the SDK's own request-body transform")
+    args = ap.parse_args()
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_openai.py"), "--port", "0", "--latency", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = server.stdout.readline().strip()
+        per_request = asyncio.run(measure(url, args.requests, args.sdk_transform))
+    finally:
+        server.terminate()
+        server.wait()
+    which = "the SDK's own transform" if args.sdk_transform else "sdk_speedups"
+    print(f"{per_request * 1000:.2f} ms of client CPU per request ({args.requests} requests, {which})")
+
+
+if __name__ == "__main__":
+    main()
