@@ -35,12 +35,12 @@ def cli_env() -> dict[str, str]:
 class Cli:
     """One ``capstream run`` subprocess; stderr goes to a file so no pipe can fill up and block it."""
 
-    def __init__(self, config: Path, log: Path):
+    def __init__(self, config: Path, log: Path, *, own_group: bool = False):
         self.log = log
         self._err = open(log, "wb")
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # own_group: as a terminal's foreground job (see signal_group)
             [sys.executable, "-m", "capstream.cli", "run", str(config), "--no-progress"],
-            stdout=self._err, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO,
+            stdout=self._err, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO, start_new_session=own_group,
         )
 
     def alive(self) -> bool:
@@ -49,6 +49,11 @@ class Cli:
     def signal(self, sig: int) -> None:
         assert self.alive(), f"the run ended before signal {sig}:\n{self.output()}"
         self.proc.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """What a terminal's Ctrl-C does: the signal to every process of the job (started own_group)."""
+        assert self.alive(), f"the run ended before signal {sig}:\n{self.output()}"
+        os.killpg(self.proc.pid, sig)
 
     def wait(self, timeout: float = 120) -> int:
         try:
@@ -230,6 +235,27 @@ def test_ctrl_c_saves_and_rerun_resumes(server, source_400, tmp_path):
           f"{took:.2f}s, {repeats} asked again")
     assert repeats <= 8
     assert len(server.stats()["image_requests"]) == len(rows) - len(broken)
+
+
+def test_ctrl_c_at_a_terminal_with_worker_processes(server, source_400, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the job. Worker processes (here still starting,
+    as the first requests go out) leave it to the main process, which saves and exits 130 with its
+    one message and no traceback; the rerun completes."""
+    _, rows, broken = source_400
+    server.latency = 0.3
+    config = write_config(tmp_path / "c.yaml", server.url, source_400[0], tmp_path / "out", run={"workers": 2},
+                          limits={"max_concurrency": 8}, model={"timeout_s": 5})
+    cli = Cli(config, tmp_path / "first.log", own_group=True)
+    wait_until(lambda: server.requests >= 1, cli)
+    cli.signal_group(signal.SIGINT)
+    rc = cli.wait(5 + 5 + 10)
+    err = cli.output()
+    assert rc == 130, err
+    assert "rerun" in err and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    server.latency = 0.01
+    rc, err = run_to_end(config)
+    assert rc == 0, err
+    check_output(tmp_path / "out", rows, broken)
 
 
 def test_ctrl_c_twice_quits_at_once_and_rerun_resumes(server, source_400, tmp_path):

@@ -11,8 +11,9 @@ Workers are plain ``python -m capstream.workers`` processes, not ``multiprocessi
 spawn start re-imports the parent's main module, which costs a CLI run a second import of the
 whole pipeline and re-runs the top of a user's unguarded script. A worker imports only the model
 call, builds its own chat model from the config it reads on stdin (the API key comes from its
-inherited environment: no secret crosses the pipe or the socket), ignores Ctrl-C (the main process
-decides when to stop), and exits when the main process goes away.
+inherited environment: no secret crosses the pipe or the socket), runs in its own session and
+ignores SIGINT (a terminal's Ctrl-C is for the main process, which decides when to stop), and exits
+when the main process goes away.
 
     >>> pool = WorkerPool(config.model, processes=1, local=ModelCall(llm))
     >>> answer = await pool(request)         # on the least loaded of the local call and the workers
@@ -61,7 +62,10 @@ def _worker_main(socket_path: str) -> None:
 async def _serve(socket_path: str, model: ModelConfig) -> None:
     from .models import async_http_client, build_chat_model
 
-    reader, writer = await asyncio.open_unix_connection(socket_path)
+    try:
+        reader, writer = await asyncio.open_unix_connection(socket_path)
+    except OSError:  # the run ended (or its process went away) before this worker was ready
+        return
     http = async_http_client(model.timeout_s) if model.provider in ("openai", "azure") else None
     call = ModelCall(build_chat_model(model, http))
     tasks: set[asyncio.Task] = set()
@@ -153,8 +157,10 @@ class WorkerPool:
         self._server = await asyncio.start_unix_server(self._accept, path)
         model = json.dumps(self.model.model_dump(mode="json")).encode()
         for _ in range(self.processes):
+            # Its own session: a terminal's Ctrl-C goes to the main process alone (which decides
+            # when to stop), even while the worker is still importing; it exits when the socket closes.
             proc = subprocess.Popen([sys.executable, "-m", "capstream.workers", path], stdin=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, env=_worker_env())
+                                    stdout=subprocess.DEVNULL, env=_worker_env(), start_new_session=True)
             with proc.stdin:
                 proc.stdin.write(model)
             self._procs.append(proc)
