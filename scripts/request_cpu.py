@@ -10,7 +10,6 @@ limits a run against a fast local endpoint.
 import argparse
 import asyncio
 import base64
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench import _base_jpeg, _unique_jpeg  # noqa: E402  (the benchmark's 640x480 JPEGs)
+from bench import Server, _base_jpeg, _unique_jpeg  # noqa: E402  (the benchmark's server and JPEGs)
 from capstream.config import ModelConfig  # noqa: E402
 from capstream.model_call import ImageRequest, ModelCall  # noqa: E402
 from capstream.models import async_http_client, build_chat_model  # noqa: E402
@@ -55,14 +54,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--sdk-transform", action="store_true", help="use the SDK's own request-body transform")
     args = ap.parse_args()
-    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_openai.py"), "--port", "0", "--latency", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = Server(["--latency", "0"])
     try:
-        url = server.stdout.readline().strip()
-        per_request = asyncio.run(measure(url, args.requests, args.sdk_transform))
+        per_request = asyncio.run(measure(server.url, args.requests, args.sdk_transform))
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
     which = "the SDK's own transform" if args.sdk_transform else "sdk_speedups"
     print(f"{per_request * 1000:.2f} ms of client CPU per request ({args.requests} requests, {which})")
 

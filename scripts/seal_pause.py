@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""How long the append that seals a results-log segment takes (it reads the 64 MB segment once to
-write its summary), and after how many answers it comes. Answers of a paragraph each.
+"""How long the append that seals a results-log segment takes (an fsync, a rename and the
+segment's summary, counted as answers were appended), and after how many answers it comes.
+Answers of a paragraph each.
 
     python scripts/seal_pause.py
 """

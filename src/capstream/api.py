@@ -69,11 +69,15 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
         return run_on_ray(config, data, llm=llm, overwrite=overwrite, retry_errors=retry_errors,
                           show_progress=show_progress)
     captioner = Captioner(config, llm=llm)  # checks the key before anything is read
-    store, src, resuming = _open_run(config, data, overwrite)
+    store, fingerprint = check_store(config, data, overwrite)  # before any download
+    if data is None or config.output.push_to_hub:
+        hub.bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
+    src = open_source(config.dataset, data)
+    resuming = open_store(store, config, fingerprint, overwrite)
     exporter = hub.HubExporter.from_config(store.dir, config.output, config.dataset.split) if config.output.push_to_hub else None
     runner = Runner(src, captioner, store, retry_errors=retry_errors,
                     on_chunk_written=exporter.chunk_written if exporter else None)
-    nothing_to_do = store.complete and not runner.skip_chunks ^ store.done_chunks
+    nothing_to_do = store.nothing_to_do(runner.skip_chunks)
     meter = _meter_costs(config, store, runner)
     bar = ProgressBar(src.num_rows, runner.stats, enabled=show_progress and not nothing_to_do,
                       initial=store.rows_in(runner.skip_chunks), meter=meter)
@@ -92,7 +96,7 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
     summary = {
         **run_summary(config, store, runner.stats, runner.rows_from_log, started, failure),
         **_cost_fields(meter, config),
-        **_dates(store, started, resuming=resuming, rerun_of_finished=nothing_to_do),
+        **run_dates(store, started, resuming=resuming, rerun_of_finished=nothing_to_do),
     }
     write_summary(store, summary)
     write_card(store, config, summary)
@@ -104,21 +108,24 @@ def run(config: Config | dict | str | None = None, source: Any = None, *, llm: A
     return RunResult(summary, store)
 
 
-def _open_run(config: Config, data: Any, overwrite: bool) -> tuple[RunStore, Any, bool]:
-    """The output folder checked against the config (before any download) and opened, and the
-    source; whether an earlier run into the folder is being resumed."""
+def check_store(config: Config, data: Any, overwrite: bool) -> tuple[RunStore, dict[str, Any]]:
+    """The output folder, checked against the config's fingerprint (ConfigError when it holds a run
+    made with other settings); nothing is written yet."""
     store = RunStore(config.output.dir or tempfile.mkdtemp(prefix="capstream-"), config.dataset.split)
     fingerprint = config.fingerprint()
     if data is not None:
         fingerprint["dataset.fingerprint"] = getattr(data, "_fingerprint", None)
     store.check(fingerprint, config.run.chunk_size, overwrite=overwrite)
-    if data is None or config.output.push_to_hub:
-        hub.bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
-    src = open_source(config.dataset, data)
+    return store, fingerprint
+
+
+def open_store(store: RunStore, config: Config, fingerprint: dict[str, Any], overwrite: bool) -> bool:
+    """Start or resume the run in the folder, with its config saved (without secrets); whether an
+    earlier run into it is being resumed."""
     resuming = store.manifest_path.exists() and not overwrite
     store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
     atomic_write_json(store.state / "config.json", config.redacted())
-    return store, src, resuming
+    return resuming
 
 
 def _meter_costs(config: Config, store: RunStore, runner: Runner) -> CostMeter:
@@ -141,7 +148,7 @@ def _cost_fields(meter: CostMeter, config: Config) -> dict[str, Any]:
     }
 
 
-def _dates(store: RunStore, started: float, *, resuming: bool, rerun_of_finished: bool) -> dict[str, str | None]:
+def run_dates(store: RunStore, started: float, *, resuming: bool, rerun_of_finished: bool) -> dict[str, str | None]:
     """A resumed run keeps the first run's start; a finished run run again keeps its dates (and so its card)."""
     finished = None
     if store.complete:

@@ -34,7 +34,7 @@ from .limits import RateLimits
 from .model_call import Answer, ImageRequest, ModelCall
 from .models import (OPENAI_COMPATIBLE, api_key, async_http_client, build_chat_model, check_model_config,
                      shares_default_http_client, with_http_client)
-from .prices import check_cost_settings, image_tokens, sent_size
+from .prices import check_cost_settings, image_rule, sent_size
 from .prompts import InvalidAnswer, Prompt, compile_prompts
 from .results import PromptAnswer, RowResult, Stats, output_columns, row_result
 from .retry import invalid_answer_retrying, request_retrying
@@ -100,6 +100,7 @@ class CaptionSession:
         self._output_budget = cfg.model.max_tokens or 300
         self._secret = api_key(cfg.model) if captioner.llm is None else None
         self._sent_size = sent_size(cfg.image, cfg.model.name)  # image.max_side and max_tokens_per_image
+        self._image_rule = image_rule(cfg.model.name)  # looked up once, not per request
         # Answers bought earlier (the cache) or earlier in this run, and requests in flight, by
         # content key: identical requests are paid once. The mock provider is free: nothing to keep.
         keep = cfg.run.cache and cfg.model.provider != "mock"
@@ -140,7 +141,7 @@ class CaptionSession:
     def estimated_tokens(self, image: PreparedImage, text: str, system: str | None, max_tokens: int | None = None) -> int:
         """Tokens one request counts against a tokens-per-minute limit (input + max output); the image
         counted by the model's rule, as ``capstream estimate`` and the token budget count it."""
-        image_part = image_tokens(self.config.model.name, image.width, image.height, self.config.image.detail)
+        image_part = self._image_rule.tokens(image.width, image.height, self.config.image.detail)
         return image_part + (len(text) + len(system or "")) // 4 + 10 + (max_tokens or self._output_budget)
 
     async def caption(self, value: Any, row: dict[str, Any] | None = None, *,

@@ -49,7 +49,7 @@ class Runner:
                  on_chunk_written: Callable[[int], None] | None = None):
         self.source = source
         # Chunks not to read at all: every written shard, except (with retry_errors) those with errors.
-        self.skip_chunks = store.done_chunks - (store.chunks_with_errors() if retry_errors else set())
+        self.skip_chunks = store.chunks_to_skip(retry_errors)
         self.retry_errors = retry_errors
         self.captioner = captioner
         self.store = store

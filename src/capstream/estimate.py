@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 from PIL import Image
 
 from .config import Config
+from .cost import usd
 from .errors import ConfigError, RunStopped
 from .images import load_image_bytes, looks_complete
 from .prices import cost_usd, image_rule, prices, sent_size
@@ -81,8 +82,7 @@ class Estimate:
         if self.cost_usd is None:
             lines.append("cost              unknown")
         else:
-            usd = f"{self.cost_usd:,.2f}" if self.cost_usd >= 1 else f"{self.cost_usd:.4f}"
-            lines.append(f"cost              at most ${usd} (output counted at its cap)")
+            lines.append(f"cost              at most ${usd(self.cost_usd)} (output counted at its cap)")
         return "\n".join(lines)
 
     def _price_text(self) -> str:

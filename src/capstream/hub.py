@@ -32,6 +32,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from .config import Config, OutputConfig, push_every_seconds
 from .errors import ConfigError, RunStopped
+from .retry import retry_after_s
 from .store import STATE_DIR, atomic_write_json
 
 log = logging.getLogger("capstream.hub")
@@ -159,14 +160,13 @@ def _translate(err: BaseException, what: str, target: "HubTarget") -> HubError:
 
 def _wait(retry_state) -> float:
     """Retry-After when the Hub sends one (capped), else exponential from 1 s."""
-    err = retry_state.outcome.exception()
     from huggingface_hub.errors import HfHubHTTPError
 
-    for e in _causes(err):
+    for e in _causes(retry_state.outcome.exception()):
         if isinstance(e, HfHubHTTPError) and e.response is not None:
-            value = e.response.headers.get("Retry-After", "")
-            if value.replace(".", "", 1).isdigit():
-                return min(60.0, float(value))
+            asked = retry_after_s(e)  # the model requests' parser: seconds, milliseconds or a date
+            if asked is not None:
+                return min(60.0, asked)
     return wait_exponential(multiplier=1, min=1, max=30)(retry_state)
 
 

@@ -40,7 +40,7 @@ from .errors import ConfigError, RunStopped
 from .global_limits import BlockLimits, LimitBroker
 from .prompts import compile_prompts
 from .source import open_source
-from .store import RunStore, atomic_write_json
+from .store import RunStore
 
 WORKER_CPUS = 0.5  # caption workers wait on the network; leave CPUs for Ray Data's read tasks
 
@@ -190,7 +190,7 @@ class RayRun:
         self.config = config
         self.store = store
         self.on_chunk_written = on_chunk_written  # once a shard is recorded (the Hub export listens)
-        self.skip_chunks = store.done_chunks - (store.chunks_with_errors() if retry_errors else set())
+        self.skip_chunks = store.chunks_to_skip(retry_errors)
         self.retry_errors = retry_errors
         self.progress = progress or (lambda n: None)
         self.stats = Stats()
@@ -231,7 +231,6 @@ class RayRun:
             if self.pending:  # stopping: no new request; the ones in flight finish
                 self._stop_workers()
                 self._drain()
-            self.broker_rates = ray.get(broker.rates.remote())
             for counts in ray.get([w.close.remote() for w in self.workers]):
                 self.stats.requests += counts["requests"]
                 self.stats.retries += counts["retries"]
@@ -347,10 +346,8 @@ class RayRun:
 def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: bool = False,
                retry_errors: bool = False, show_progress: bool = True):
     """``api.run`` for ``run.backend: ray``; returns ``api.RunResult``."""
-    import tempfile
-
     from . import hub
-    from .api import RunResult, push_at_end, run_summary
+    from .api import RunResult, check_store, open_store, push_at_end, run_dates, run_summary
     from .progress import ProgressBar
     from .sinks import write_card, write_summary
 
@@ -362,14 +359,8 @@ def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: 
         raise ConfigError("run.max_cost_usd is not supported with run.backend: ray yet (watch the cost in "
                           "summary.json)")
     Captioner(config).close()  # checks the model config and the key before anything starts
-    out_dir = config.output.dir or tempfile.mkdtemp(prefix="capstream-")
-    store = RunStore(out_dir, config.dataset.split)
-    fingerprint = config.fingerprint()
-    if data is not None:
-        fingerprint["dataset.fingerprint"] = getattr(data, "_fingerprint", None)
-    store.check(fingerprint, config.run.chunk_size, overwrite=overwrite)
-    store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
-    atomic_write_json(store.state / "config.json", config.redacted())
+    store, fingerprint = check_store(config, data, overwrite)
+    resuming = open_store(store, config, fingerprint, overwrite)
     exporter = None
     if config.output.push_to_hub:  # pushed from the driver, which alone writes the shards
         hub.bound_hub_calls(config.output.hub_timeout_s)
@@ -377,7 +368,8 @@ def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: 
     runner = RayRun(config, store, retry_errors=retry_errors,
                     on_chunk_written=exporter.chunk_written if exporter else None)
     failure: RunStopped | None = None
-    if not (store.complete and not runner.skip_chunks ^ store.done_chunks):  # a finished run starts no Ray
+    nothing_to_do = store.nothing_to_do(runner.skip_chunks)
+    if not nothing_to_do:  # a finished run starts no Ray
         started_ray = _init_ray(config, show_progress)
         bar = None
         try:
@@ -403,6 +395,7 @@ def run_on_ray(config: Config, data: Any = None, *, llm: Any = None, overwrite: 
         "ray_workers": config.run.workers,
         # Starting Ray, its first read and the actors, until the first chunk goes out.
         "startup_s": round(runner.first_sent - started, 3) if runner.first_sent else None,
+        **run_dates(store, started, resuming=resuming, rerun_of_finished=nothing_to_do),
     }
     write_summary(store, summary)
     write_card(store, config, summary)

@@ -154,9 +154,9 @@ def _stream_parquet(kwargs: dict[str, Any]) -> datasets.IterableDataset:
 
     datasets reads a streamed parquet file with ``Fragment.to_batches``, which reads ahead in
     pyarrow's threads whenever the consumer is slower than the disk, whatever its readahead
-    arguments (apache/arrow#39808): about a third of each file, so memory grew with the file
-    (measured on one file of 8,000 / 16,000 640x480 JPEG rows, consumed at 1 chunk of 256 rows per
-    second: 105 / 193 MB of Arrow memory; reading a row group at a time with ``ParquetFile``: 5 MB).
+    arguments (apache/arrow#39808), so memory grew with the file (``python scripts/bench.py --only
+    stream``: the seed's approach, on datasets' reader, peaks at 395 MB for 4,000 rows and 770 MB for
+    16,000; capstream, reading a row group at a time with ``ParquetFile``, at 377 and 382 MB).
     The builder is datasets' own (file resolution, features, splits, remote files); only its table
     generator is replaced, on this instance. With a datasets version whose generator differs, its
     own is kept.

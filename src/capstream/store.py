@@ -120,6 +120,7 @@ class RunStore:
         self._log = None
         self._log_bytes = 0
         self._log_tally = _Tally()
+        self._open_log_tally: _Tally | None = None  # what logged_results counted in this process's log
 
     # -- opening, fingerprint, resume --------------------------------------------------------------
 
@@ -198,6 +199,14 @@ class RunStore:
     def chunks_with_errors(self) -> set[int]:
         return {int(i) for i, counts in self.manifest.get("done", {}).items() if counts.get("errors")}
 
+    def chunks_to_skip(self, retry_errors: bool) -> set[int]:
+        """Chunks a run need not read: the done ones, less those with errors when they are retried."""
+        return self.done_chunks - (self.chunks_with_errors() if retry_errors else set())
+
+    def nothing_to_do(self, skip_chunks: set[int]) -> bool:
+        """A finished run run again, with nothing to retry: its input is not read again."""
+        return self.complete and not skip_chunks ^ self.done_chunks
+
     def rows_in(self, chunks: Iterable[int]) -> int:
         done = self.manifest.get("done", {})
         return sum(done[str(i)]["rows"] for i in chunks if str(i) in done)
@@ -217,12 +226,14 @@ class RunStore:
             if summary is not None and set(summary["chunks"]) <= skip:  # nothing in it is needed
                 paid_in, paid_out = paid_in + summary["paid"][0], paid_out + summary["paid"][1]
                 continue
-            in_log = {}
+            in_log, tally = {}, _Tally()
             for r in self._records(log):
-                paid_in += r.get("ti") or 0
-                paid_out += r.get("to") or 0
+                tally.add(r["i"], r.get("ti"), r.get("to"))
                 if r["i"] not in skip:
                     in_log[(_hashable(r["k"]), r["p"])] = r
+            paid_in, paid_out = paid_in + tally.paid[0], paid_out + tally.paid[1]
+            if log == self.results_path and self._log is None:
+                self._open_log_tally = tally  # this process appends to it next: no second read then
             for (key, prompt), record in in_log.items():
                 by_prompt = found.setdefault(key, {})
                 if prompt not in by_prompt or by_prompt[prompt]["e"] is not None:
@@ -242,13 +253,15 @@ class RunStore:
         paid_in = paid_out = 0
         for log in self.results_logs():
             summary = _read_summary(log)
-            if summary is not None:
-                paid_in, paid_out = paid_in + summary["paid"][0], paid_out + summary["paid"][1]
-                continue
-            for record in self._records(log):
-                paid_in += record.get("ti") or 0
-                paid_out += record.get("to") or 0
+            paid = summary["paid"] if summary is not None else self._tally(log).paid
+            paid_in, paid_out = paid_in + paid[0], paid_out + paid[1]
         return paid_in, paid_out
+
+    def _tally(self, log: Path) -> "_Tally":
+        tally = _Tally()
+        for record in self._records(log):
+            tally.add(record["i"], record.get("ti"), record.get("to"))
+        return tally
 
     @staticmethod
     def _records(log: Path) -> Iterator[dict]:
@@ -278,11 +291,11 @@ class RunStore:
             if self._log is None:
                 self._log = open(self.results_path, "ab", buffering=0)
                 self._log_bytes = self._log.seek(0, os.SEEK_END)
-                # What the log already holds (an earlier run's answers), for the segment's summary.
-                self._log_tally = _Tally()
-                if self._log_bytes:
-                    for record in self._records(self.results_path):
-                        self._log_tally.add(record["i"], record.get("ti"), record.get("to"))
+                # What the log already holds (an earlier run's answers), for the segment's summary:
+                # counted by logged_results when it read the log at resume, else read here.
+                self._log_tally = self._open_log_tally or (self._tally(self.results_path) if self._log_bytes
+                                                           else _Tally())
+                self._open_log_tally = None
             if self._log.write(line) != len(line):
                 raise OSError(errno.ENOSPC, "short write (disk full?)")
             self._log_bytes += len(line)

@@ -156,11 +156,12 @@ class WorkerPool:
         path = os.path.join(self._tmp.name, "sock")
         self._server = await asyncio.start_unix_server(self._accept, path)
         model = json.dumps(self.model.model_dump(mode="json")).encode()
+        env = _worker_env()
         for _ in range(self.processes):
             # Its own session: a terminal's Ctrl-C goes to the main process alone (which decides
             # when to stop), even while the worker is still importing; it exits when the socket closes.
             proc = subprocess.Popen([sys.executable, "-m", "capstream.workers", path], stdin=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, env=_worker_env(), start_new_session=True)
+                                    stdout=subprocess.DEVNULL, env=env, start_new_session=True)
             with proc.stdin:
                 proc.stdin.write(model)
             self._procs.append(proc)
