@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fake_openai import FakeOpenAI  # noqa: E402
+from capstream.testing.openai_server import FakeOpenAI  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = datasets.Features({"id": datasets.Value("int64"), "image": datasets.Image(), "alt": datasets.Value("string")})

@@ -12,15 +12,14 @@ or, as a batched map function:
 __version__ = "0.1.0"
 
 # Names load on first use (PEP 562), so that a worker process, which needs only the model call,
-# does not import datasets and the rest of the pipeline.
+# does not import datasets and the rest of the pipeline. The package's layers: docs/architecture.md.
 _EXPORTS = {
     "caption_dataset": "api", "run": "api", "load_output": "api",
     "Captioner": "captioner",
-    "RowResult": "results", "PromptAnswer": "results",
+    "RowResult": "row.results", "PromptAnswer": "row.results",
     "Config": "config", "load_config": "config", "config_from_dict": "config",
-    "Interrupted": "engine",
     "CapstreamError": "errors", "ConfigError": "errors", "RunStopped": "errors", "RowError": "errors",
-    "ImageError": "errors",
+    "ImageError": "errors", "Interrupted": "errors",
 }
 
 

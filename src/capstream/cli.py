@@ -11,7 +11,7 @@ import logging
 import sys
 
 from .config import load_config
-from .errors import ConfigError, RunStopped
+from .errors import ConfigError, HubError, Interrupted, RunStopped
 
 EXIT_OK, EXIT_STOPPED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -56,10 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate(args) -> int:
-    from .models import check_model_config
-
     config = load_config(args.config, overrides=args.overrides)
-    check_model_config(config.model)
+    config.model.api_key()  # everything else was checked as it loaded
     print(f"{args.config}: ok ({config.model.provider} {config.model.name}, dataset {config.dataset.path})")
     return EXIT_OK
 
@@ -67,7 +65,7 @@ def _validate(args) -> int:
 def _estimate(args) -> int:
     import json
 
-    from .estimate import estimate
+    from .cost.estimate import estimate
 
     config = load_config(args.config, overrides=args.overrides)
     try:
@@ -81,8 +79,7 @@ def _estimate(args) -> int:
 
 def _run(args) -> int:
     from .api import run
-    from .engine import Interrupted
-    from .progress import format_summary
+    from .core.progress import format_summary
 
     config = load_config(args.config, overrides=args.overrides)
     try:
@@ -92,11 +89,10 @@ def _run(args) -> int:
         print(f"capstream: interrupted; rerun `capstream run {args.config}` to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RunStopped as err:
-        summary = getattr(err, "summary", None)
-        if summary:
-            print(format_summary(summary), file=sys.stderr)
+        if err.summary is not None:
+            print(format_summary(err.summary), file=sys.stderr)
         print(f"capstream: stopped: {err}", file=sys.stderr)
-        if summary:
+        if err.summary is not None:
             print(f"capstream: what was done is saved; rerun `capstream run {args.config}` to resume", file=sys.stderr)
         return EXIT_STOPPED
     print(format_summary(result.summary), file=sys.stderr)
@@ -104,7 +100,7 @@ def _run(args) -> int:
 
 
 def _push(args) -> int:
-    from .hub import HubError, push_target, push_folder
+    from .io.hub import push_folder, push_target
 
     target = push_target(args.out_dir, args.repo, private=args.private, revision=args.revision,
                          config_name=args.config_name, split=args.split, commit_message=args.commit_message,

@@ -19,8 +19,10 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
+from .cost.pricing import check_cost_settings
 from .errors import ConfigError
-from .prompts import compile_prompts
+from .model.settings import ModelConfig, redact_url
+from .row.prompts import compile_prompts
 
 
 class _Section(BaseModel):
@@ -38,21 +40,6 @@ class DatasetConfig(_Section):
     image_column: str = "image"
     key_column: str | None = None
     limit: int | None = Field(default=None, ge=0)
-
-
-class ModelConfig(_Section):
-    provider: str = "openai"
-    name: str = "gpt-4o-mini"
-    base_url: str | None = None
-    api_key_env: str | None = "OPENAI_API_KEY"
-    api_version: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=300, ge=1)
-    timeout_s: float = Field(default=60.0, gt=0)
-    # USD per million tokens, for `capstream estimate` and the live cost (null: prices.py's table); not part of
-    # the resume fingerprint, since prices do not change the answers.
-    price_input_per_mtok: float | None = Field(default=None, ge=0)
-    price_output_per_mtok: float | None = Field(default=None, ge=0)
 
 
 class PromptConfig(_Section):
@@ -174,6 +161,21 @@ class Config(_Section):
                 raise ValueError("'prompts' needs at least one entry: output column -> {text: ...}")
         return self
 
+    # The one place a config is checked beyond its types, for every Config however it was made (a
+    # file, a dict, or built in code): schemas and output columns, and cost settings that cannot
+    # work. ConfigError passes through pydantic as it is; config_from_dict adds the file's name.
+    @model_validator(mode="after")
+    def _prompts_and_costs_can_work(self) -> "Config":
+        compile_prompts(self.prompt_specs(), self.output.error_column)
+        check_cost_settings(self.model, self.image, self.run.max_cost_usd)
+        return self
+
+    def prompt_specs(self) -> list[tuple[str, "PromptConfig", str]]:
+        """(output name, prompt, where in the config) for each prompt: ``prompts:``, else ``prompt``."""
+        if self.prompts:
+            return [(name, spec, f"prompts.{name}") for name, spec in self.prompts.items()]
+        return [(self.output.caption_column, self.prompt, "prompt")]
+
     def fingerprint(self) -> dict[str, Any]:
         """The values of ``FINGERPRINT_KEYS`` (base_url without credentials); a key without a dot
         stands for each key of its section (so a refusal can name what changed)."""
@@ -222,13 +224,7 @@ def push_every_seconds(value: int | str | None) -> tuple[int | None, float | Non
     return None, float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def redact_url(url: str) -> str:
-    """``https://user:pw@host/x`` -> ``https://***@host/x``."""
-    return _URL_CREDENTIALS.sub("***@", url)
 
 
 def _interpolate(value: Any, where: str, source: str) -> Any:
@@ -306,17 +302,11 @@ def config_from_dict(data: dict | None, *, source: str = "<config>", overrides: 
     for assignment in overrides:
         _apply_override(data, assignment, source)
     try:
-        config = Config.model_validate(data)
+        return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err, source)) from None
-    from .prices import check_cost_settings  # late: prices.py needs images.py (Pillow)
-
-    try:
-        compile_prompts(config)  # schemas and column names checked now, not at the first request
-        check_cost_settings(config)
-    except ConfigError as err:
+    except ConfigError as err:  # a check across keys (Config's validators)
         raise ConfigError(f"{source}: {err}") from None
-    return config
 
 
 def load_config(path: str | os.PathLike, *, overrides: list[str] = ()) -> Config:

@@ -1,19 +1,28 @@
-"""One error hierarchy for capstream.
+"""Every exception capstream defines, in one place.
 
-Lower libraries' errors (openai, httpx, PIL, pydantic, datasets) are translated into these once, at
-the boundary where they are caught; the rest of the code only sees these.
+Lower libraries' errors (openai, httpx, PIL, pydantic, datasets, huggingface_hub) are translated into
+these once, at the boundary where they are caught; the rest of the code only sees these::
 
-Two families:
+    CapstreamError                  anything capstream raises on purpose
+    ├── ConfigError                 the config or the command line is wrong: nothing started (exit 2)
+    ├── RunStopped                  the run stopped early, its state saved for a rerun (exit 1)
+    │   ├── Interrupted             the user asked it to stop (Ctrl-C; exit 130)
+    │   ├── BudgetReached           run.max_cost_usd is spent
+    │   └── HubError                a Hub call failed after retries (the local output is complete)
+    ├── RowError                    belongs to one row: "<Kind>: <message>" in its error column
+    │   ├── ImageError              the row's image is missing, unreadable, too large
+    │   └── InvalidAnswer           the answer is not JSON matching the prompt's schema
+    ├── RequestFailed               one failed attempt, translated at the model-call boundary
+    └── NotSent                     the session is stopping: this request was not sent (internal)
 
-* ``RowError`` and its subclasses are *data*: they end up as ``"<Kind>: <message>"`` in the error
-  column of one row, and the run goes on.
-* ``CapstreamError`` subclasses that are not row errors stop something: ``ConfigError`` stops before
-  anything starts (exit 2), ``RunStopped`` stops a run early with a resumable state (exit 1).
+``RowError`` and its subclasses are *data*: the run goes on. A ``RunStopped`` carries the run's
+summary (``summary``) once the run has written it, so a caller can report what was done.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 
 class CapstreamError(Exception):
@@ -25,7 +34,29 @@ class ConfigError(CapstreamError):
 
 
 class RunStopped(CapstreamError):
-    """The run stopped early; what was done is saved and a rerun resumes it (exit 1)."""
+    """The run stopped early; what was done is saved and a rerun resumes it (exit 1).
+
+    ``summary``: the run's ``RunSummary``, once the run has written it (None before).
+    """
+
+    summary: Any = None
+
+    def with_summary(self, summary: Any) -> "RunStopped":
+        """This error, carrying the summary the run wrote before raising it."""
+        self.summary = summary
+        return self
+
+
+class Interrupted(RunStopped):
+    """The user asked the run to stop (Ctrl-C); what was received is saved."""
+
+
+class BudgetReached(RunStopped):
+    """``run.max_cost_usd`` is spent: no new request is sent; what was received is saved."""
+
+
+class HubError(RunStopped):
+    """A Hub call failed (after retries): the local output is complete; push again later."""
 
 
 class RowError(CapstreamError):
@@ -53,6 +84,17 @@ class ImageError(RowError):
     kind = "ImageError"
 
 
+class InvalidAnswer(RowError):
+    """The model's answer is not JSON matching the prompt's schema (``raw`` is the answer)."""
+
+    kind = "InvalidAnswer"
+
+    def __init__(self, reason: str, raw: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.raw = raw
+
+
 class Failure(Enum):
     """What a failed request means for the run."""
 
@@ -62,7 +104,7 @@ class Failure(Enum):
 
 
 class RequestFailed(CapstreamError):
-    """A failed attempt, translated once at the model-call boundary (``model_call.translate``).
+    """A failed attempt, translated once at the model-call boundary (``model.call.translate``).
 
     Small and picklable, so it crosses process boundaries: what the failure means, the HTTP status,
     how long the server asked us to wait, and its rate-limit headers.
@@ -87,3 +129,11 @@ class RequestFailed(CapstreamError):
         if self.failure is Failure.TRANSIENT:
             return f"ConnectionError: {self.message}"
         return f"ModelError: {self.message}"
+
+
+class NotSent(CapstreamError):
+    """The session is stopping: this row's request was not sent (the row stays to do)."""
+
+
+__all__ = ["CapstreamError", "ConfigError", "RunStopped", "Interrupted", "BudgetReached", "HubError", "RowError",
+           "ImageError", "InvalidAnswer", "Failure", "RequestFailed", "NotSent"]

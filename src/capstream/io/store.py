@@ -1,0 +1,241 @@
+"""The run's output folder: its manifest, its shards, its results logs, and resume.
+
+Progress is recorded datatrove-style: a chunk counts as done only once its shard has been renamed
+into place *and* the manifest says so; a rerun skips done chunks and re-uses logged answers for the
+rest (``results_log.py``), so no answer is paid for twice. The names of the files are
+``layout.py``'s.
+
+    >>> store = RunStore(OutputLayout("out/run", "train"))
+    >>> store.check(fingerprint, chunk_size=1000)   # ConfigError: a run made with other settings
+    >>> store.open(fingerprint, chunk_size=1000)
+    >>> store.log_answer(LogRecord.of(0, key, "caption", answer))
+    >>> store.write_shard(0, columns, features); store.mark_done(0, RowCounts.of(results))
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import ConfigError, ImageError, RunStopped
+from ..row.images import load_image_bytes
+from ..row.results import RowCounts
+from .files import atomic_write_bytes, atomic_write_json, read_json
+from .layout import OutputLayout
+from .results_log import LoggedAnswers, LogRecord, ResultsLog, paid_tokens, read_answers, remove_log, repair_tail
+
+
+@dataclass
+class Manifest:
+    """``.capstream/manifest.json``: what the folder's run is (its fingerprint and chunk size) and
+    which chunks are done, with their counts. Written last, atomically, after each shard."""
+
+    fingerprint: dict[str, Any]
+    chunk_size: int
+    split: str
+    done: dict[int, RowCounts] = field(default_factory=dict)
+    complete: bool = False
+    chunks: int | None = None  # how many chunks the input has, once read to its end
+
+    @classmethod
+    def read(cls, layout: OutputLayout) -> "Manifest | None":
+        """The folder's manifest, or None when it has none; ConfigError when it cannot be read."""
+        try:
+            data = read_json(layout.manifest)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{layout.manifest}: cannot read: {err}") from None
+        if data is None:
+            return None
+        return cls(data.get("fingerprint") or {}, data.get("chunk_size"), data.get("split") or layout.split,
+                   {int(i): RowCounts.from_json(c) for i, c in (data.get("done") or {}).items()},
+                   bool(data.get("complete")), data.get("chunks"))
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"fingerprint": self.fingerprint, "chunk_size": self.chunk_size, "split": self.split,
+                "done": {str(i): c.to_json() for i, c in sorted(self.done.items())}, "complete": self.complete}
+        if self.chunks is not None:
+            data["chunks"] = self.chunks
+        return data
+
+    def totals(self, chunks: Iterable[int] | None = None) -> RowCounts:
+        """Counts over the done chunks (``chunks``: only those), from the manifest: no shard is read."""
+        wanted = self.done if chunks is None else {i: self.done[i] for i in chunks if i in self.done}
+        return RowCounts.total(wanted.values())
+
+
+class RunStore:
+    """One run's ``output.dir``. Not thread-safe: a run calls it from one thread, except
+    ``write_shard``, which touches nothing shared and may run in a worker thread.
+
+    ``log_name``: the results log this process appends to (a Ray actor has its own).
+    """
+
+    def __init__(self, layout: OutputLayout, *, log_name: str = "results"):
+        self.layout = layout
+        self.manifest: Manifest | None = None
+        self.log = ResultsLog(layout.results_log(log_name))
+        self._paid: tuple[int, int] | None = None  # tokens in the results logs, once counted
+
+    @property
+    def dir(self):
+        return self.layout.dir
+
+    @property
+    def split(self) -> str:
+        return self.layout.split
+
+    # -- opening, fingerprint, resume --------------------------------------------------------------
+
+    def check(self, fingerprint: dict[str, Any], chunk_size: int, *, overwrite: bool = False) -> None:
+        """ConfigError when the folder holds a run made with other settings (and not ``overwrite``)."""
+        saved = None if overwrite else Manifest.read(self.layout)
+        if saved is None:
+            return
+        changed = sorted(k for k in set(fingerprint) | set(saved.fingerprint)
+                         if fingerprint.get(k) != saved.fingerprint.get(k))
+        if saved.chunk_size != chunk_size:
+            changed.append("run.chunk_size")
+        if changed:
+            raise ConfigError(
+                f"output.dir {str(self.dir)!r} holds a run made with other settings "
+                f"(changed: {', '.join(changed)}); use another output.dir, or --overwrite to start again")
+
+    def open(self, fingerprint: dict[str, Any], chunk_size: int, *, overwrite: bool = False) -> bool:
+        """Start or resume; True when an earlier run is resumed. A state made with other settings
+        refuses (ConfigError) unless ``overwrite``, which discards it."""
+        self.check(fingerprint, chunk_size, overwrite=overwrite)
+        if overwrite and self.dir.exists():
+            self._clear()
+        self.manifest = Manifest.read(self.layout)
+        resuming = self.manifest is not None
+        if self.manifest is None:
+            self.manifest = Manifest(fingerprint, chunk_size, self.split)
+            self.layout.state.mkdir(parents=True, exist_ok=True)
+            self._save_manifest()
+        for log in self.layout.results_logs():
+            repair_tail(log)
+        return resuming
+
+    def save_config(self, redacted: dict[str, Any]) -> None:
+        """The run's resolved config, secrets removed (``Config.redacted()``), for ``capstream push``."""
+        atomic_write_json(self.layout.saved_config, redacted)
+
+    def _clear(self) -> None:
+        for shard in self.layout.shard_paths():
+            shard.unlink()
+        self.layout.manifest.unlink(missing_ok=True)
+        for log in self.layout.results_logs():
+            remove_log(log)
+
+    @property
+    def done_chunks(self) -> set[int]:
+        return set(self.manifest.done) if self.manifest else set()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest and self.manifest.complete)
+
+    def chunks_to_skip(self, retry_errors: bool) -> set[int]:
+        """Chunks a run need not read: the done ones, less those with errors when they are retried."""
+        done = self.manifest.done if self.manifest else {}
+        return {i for i, counts in done.items() if not (retry_errors and counts.errors)}
+
+    def nothing_to_do(self, skip_chunks: set[int]) -> bool:
+        """A finished run run again, with nothing to retry: its input is not read again."""
+        return self.complete and not skip_chunks ^ self.done_chunks
+
+    def rows_in(self, chunks: Iterable[int]) -> int:
+        return self.manifest.totals(chunks).rows if self.manifest else 0
+
+    def logged_answers(self, skip_chunks: Iterable[int], *, ok_only: bool = False) -> LoggedAnswers:
+        """Answers already received for rows of chunks not skipped (see ``results_log.read_answers``);
+        counts the tokens paid on the way, so ``paid_tokens`` need not read the logs again."""
+        found = read_answers(self.layout.results_logs(), skip_chunks, ok_only=ok_only)
+        self._paid = found.paid
+        if self.log.path in found.tallies:  # this process appends to it next: no second read then
+            self.log.holds(found.tallies[self.log.path])
+        return found
+
+    def paid_tokens(self) -> tuple[int, int]:
+        """Input and output tokens of every answer in the results logs: what all runs into this folder
+        paid for (an answer asked again with ``--retry-errors`` counts each time it was bought).
+        Counted by ``logged_answers`` when it ran (what the logs held then); read here otherwise."""
+        return self._paid if self._paid is not None else paid_tokens(self.layout.results_logs())
+
+    # -- during the run ----------------------------------------------------------------------------
+
+    def log_answer(self, record: LogRecord) -> None:
+        """Append one answer to this process's results log; durable (in the OS) before it counts."""
+        self.log.append(record)
+
+    def write_shard(self, chunk_index: int, columns: dict[str, list], features: Any,
+                    base_dir: str | None, files_read: dict[str, bytes] | None = None) -> None:
+        """Write one finished chunk as a parquet shard, atomically. ``files_read``: image files
+        already read by path (see ``_embed_image_files``)."""
+        import datasets
+
+        columns = dict(columns)
+        if features is not None:
+            for name, feature in features.items():
+                if isinstance(feature, datasets.Image):
+                    columns[name] = _embed_image_files(columns[name], base_dir, files_read)
+            table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
+        else:
+            table = pa.Table.from_pydict(columns)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        path = self.layout.shard_path(chunk_index)
+        try:
+            atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        except OSError as err:
+            raise RunStopped(f"cannot write shard {path}: {err.strerror or err}") from None
+
+    def mark_done(self, chunk_index: int, counts: RowCounts) -> None:
+        """Record a written shard with its counts (rows, ok, errors by kind, tokens, cost): written last."""
+        self.manifest.done[chunk_index] = counts
+        self._save_manifest()
+
+    def totals(self) -> RowCounts:
+        """Counts over every written shard, from the manifest (no shard is read)."""
+        return self.manifest.totals() if self.manifest else RowCounts()
+
+    def finish(self, total_chunks: int) -> None:
+        self.manifest.complete = len(self.manifest.done) >= total_chunks
+        self.manifest.chunks = total_chunks
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        try:
+            atomic_write_json(self.layout.manifest, self.manifest.to_json())
+        except OSError as err:
+            raise RunStopped(f"cannot write {self.layout.manifest}: {err.strerror or err}") from None
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def _embed_image_files(values: list, base_dir: str | None, files_read: dict[str, bytes] | None = None) -> list:
+    """Images stored as paths (local, or files of a Hub repo) get their file's bytes, so the output
+    folder stands alone; taken from ``files_read`` (path as in the row -> bytes, emptied as used)
+    when the run already read them."""
+    out = []
+    for v in values:
+        if isinstance(v, dict) and v.get("bytes") is None and v.get("path"):
+            path = v["path"]
+            data = files_read.pop(path, None) if files_read is not None else None
+            if data is None:
+                try:
+                    data = load_image_bytes(path, base_dir=base_dir)
+                except ImageError:
+                    out.append(v)  # keep the path: the row's error column already says the image was unusable
+                    continue
+            v = {"bytes": data, "path": os.path.basename(path.rstrip("/"))}
+        out.append(v)
+    return out
+
+
+__all__ = ["RunStore", "Manifest"]

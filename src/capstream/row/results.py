@@ -1,0 +1,160 @@
+"""What a row gets: each prompt's answer, the row's result, the counts of many rows, the output columns.
+
+``PromptAnswer`` is one prompt's outcome for one row (a value or an error, the tokens paid, where
+it came from); ``RowResult`` is a row's answers and its error text; ``RowCounts`` counts rows, errors
+by kind and their tokens (a chunk's counts in the manifest, a run's in its summary).
+
+    >>> answers = {"caption": PromptAnswer("a red square", input_tokens=120, output_tokens=4)}
+    >>> result = row_result(prompts, answers)
+    >>> output_columns(prompts, "error", [result])
+    {'caption': ['a red square'], 'error': [None]}
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from ..errors import ConfigError
+from .prompts import Prompt, combined_error
+
+
+@dataclass
+class PromptAnswer:
+    """One prompt's outcome for one row: a value (text, or the schema's fields as a dict) or an
+    error (``"<Kind>: <message>"``), the tokens paid for it, and where it came from."""
+
+    value: Any = None
+    error: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    source: str = "request"  # request | log (an earlier run into this output.dir) | dedup | cache
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class RowResult:
+    """What one row gets: each prompt's answer by prompt name, and the row's error text."""
+
+    answers: dict[str, PromptAnswer]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def caption(self) -> Any:
+        """The first prompt's value (the caption, for a run with one prompt)."""
+        return next(iter(self.answers.values())).value if self.answers else None
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(a.input_tokens for a in self.answers.values())
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(a.output_tokens for a in self.answers.values())
+
+
+def row_result(prompts: Sequence[Prompt], answers: dict[str, PromptAnswer]) -> RowResult | None:
+    """The row's result once every prompt has an answer (None before)."""
+    if not all(p.name in answers for p in prompts):
+        return None
+    return RowResult({p.name: answers[p.name] for p in prompts},
+                     combined_error(prompts, {p.name: answers[p.name].error for p in prompts}))
+
+
+def output_columns(prompts: Sequence[Prompt], error_column: str, results: Sequence[RowResult]) -> dict[str, list]:
+    """The prompts' columns and the error column for these results, in order."""
+    columns: dict[str, list] = {name: [] for p in prompts for name in p.columns()}
+    columns[error_column] = []
+    for result in results:
+        for prompt in prompts:
+            for name, value in prompt.values(result.answers[prompt.name].value).items():
+                columns[name].append(value)
+        columns[error_column].append(result.error)
+    return columns
+
+
+def output_features(source: Any, prompts: Sequence[Prompt], error_column: str) -> Any:
+    """The output's datasets Features: the source's (images decodable again on load), then the
+    prompts' columns and the error column; None when the source's are unknown. ConfigError for an
+    output column the source already has."""
+    if source is None:
+        return None
+    import datasets  # here: worker processes import the row's neighbours and need no datasets
+
+    out = {name: datasets.Image() if isinstance(feature, datasets.Image) else feature for name, feature in source.items()}
+    added = {name: feature for prompt in prompts for name, feature in prompt.columns().items()}
+    for name, feature in {**added, error_column: datasets.Value("string")}.items():
+        if name in out:
+            raise ConfigError(f"the source already has a column {name!r}: choose another output column name "
+                              f"(output.caption_column, output.error_column, a prompts: name or a schema field)")
+        out[name] = feature
+    return datasets.Features(out)
+
+
+def error_kind(error: str) -> str:
+    return error.split(":", 1)[0]
+
+
+@dataclass
+class RowCounts:
+    """Rows, rows without error, rows by error kind (a row counts once per kind) and their tokens;
+    with ``cost_usd`` when priced (a chunk's counts, as the manifest records them)."""
+
+    rows: int = 0
+    ok: int = 0
+    errors: Counter = field(default_factory=Counter)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = None
+
+    def add(self, result: RowResult) -> None:
+        self.rows += 1
+        self.input_tokens += result.input_tokens
+        self.output_tokens += result.output_tokens
+        if result.ok:
+            self.ok += 1
+        else:
+            for kind in {error_kind(a.error) for a in result.answers.values() if a.error}:
+                self.errors[kind] += 1
+
+    @classmethod
+    def of(cls, results: Iterable[RowResult]) -> "RowCounts":
+        counts = cls()
+        for result in results:
+            counts.add(result)
+        return counts
+
+    @classmethod
+    def total(cls, parts: Iterable["RowCounts"]) -> "RowCounts":
+        """The sum of ``parts``; its cost is known when each part's is (None for none at all)."""
+        total, costs = cls(), []
+        for part in parts:
+            total.rows += part.rows
+            total.ok += part.ok
+            total.errors.update(part.errors)
+            total.input_tokens += part.input_tokens
+            total.output_tokens += part.output_tokens
+            costs.append(part.cost_usd)
+        total.cost_usd = round(sum(costs), 6) if costs and None not in costs else None
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"rows": self.rows, "ok": self.ok, "errors": dict(self.errors),
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        if self.cost_usd is not None:
+            data["cost_usd"] = self.cost_usd
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RowCounts":
+        """From a manifest's record (those written before capstream recorded costs have none)."""
+        return cls(int(data.get("rows") or 0), int(data.get("ok") or 0), Counter(data.get("errors") or {}),
+                   int(data.get("input_tokens") or 0), int(data.get("output_tokens") or 0), data.get("cost_usd"))

@@ -1,0 +1,105 @@
+"""The one way down: a checked config turned into a run's parts, in one place.
+
+    Config (checked when it was made: config.py)
+      └─ plan_run ─▶ RunStore (the output folder, checked against the config's fingerprint)
+                     input (io.source.Source, or backends.ray.RayInput)
+                     RowShape (prompts, the columns they read, the output's features)
+                     SessionSpec (what every caption session is made of)
+                     HubExporter (output.push_to_hub)
+                     RunCore + a backend (local, ray)
+
+Everything that can be checked is checked before anything is written: the key, the folder's
+fingerprint, the input's columns, the prompts' placeholders. Only then is the folder opened.
+No lower layer reads the config: each part gets its own sections or values here.
+
+    >>> plan = plan_run(load_config("configs/demo.yaml"))
+    >>> result = plan.core.run(plan.backend)
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .backends.local import LocalBackend
+from .backends.ray import RayBackend, RayInput  # Ray itself is imported only when that backend runs
+from .config import Config
+from .core.run import Backend, RowShape, RunCore
+from .errors import ConfigError
+from .io.hub import HubExporter
+from .io.layout import OutputLayout
+from .io.source import Source, open_source
+from .io.store import RunStore
+from .patches.hf_hub_clients import bound_hub_calls
+from .row.cache import default_cache_dir
+from .row.prompts import compile_prompts
+from .row.session import SessionSpec
+
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+
+
+def session_spec(config: Config, llm: "BaseChatModel | None" = None) -> SessionSpec:
+    """What every caption session of ``config`` is made of. ConfigError when the API key is unset,
+    or when worker processes are asked for with a model given in code."""
+    if llm is None:
+        config.model.api_key()  # checks the key's variable before anything is read
+    elif config.run.workers > 1 and config.run.backend == "local":
+        raise ConfigError("run.workers: worker processes build the model from config.model; "
+                          "with llm= given in code, use run.workers: 1")
+    cache_dir = str(config.run.cache_dir or default_cache_dir()) if config.run.cache else None
+    return SessionSpec(tuple(compile_prompts(config.prompt_specs(), config.output.error_column)), config.model,
+                       config.image, config.limits, config.retry, processes=config.run.workers, cache_dir=cache_dir)
+
+
+@dataclass
+class RunPlan:
+    """A run ready to go: ``plan.core.run(plan.backend)``."""
+
+    core: RunCore
+    backend: Backend
+
+
+def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = None, overwrite: bool = False,
+             retry_errors: bool = False, show_progress: bool = True, handle_signals: bool = False,
+             started: float | None = None) -> RunPlan:
+    """The run ``config`` describes, over ``data`` (a Dataset / IterableDataset given in code) or
+    ``config.dataset``. ConfigError before anything is written; RunStopped when the input cannot be
+    reached."""
+    started = time.time() if started is None else started
+    if config.run.backend == "ray" and llm is not None:
+        raise ConfigError("run.backend: ray builds the model on every worker from config.model; llm= in code "
+                          "is for the local backend")
+    spec = session_spec(config, llm)
+    store = RunStore(OutputLayout(config.output.dir or tempfile.mkdtemp(prefix="capstream-"), config.dataset.split))
+    fingerprint = config.fingerprint()
+    if data is not None:
+        fingerprint["dataset.fingerprint"] = getattr(data, "_fingerprint", None)
+    store.check(fingerprint, config.run.chunk_size, overwrite=overwrite)  # before any download
+    if data is None or config.output.push_to_hub:
+        bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
+    source: Source | RayInput = (RayInput.open(config.dataset, data) if config.run.backend == "ray"
+                                 else open_source(config.dataset, data))
+    shape = RowShape.of(spec.prompts, source.features, image_column=config.dataset.image_column,
+                        key_column=config.dataset.key_column, error_column=config.output.error_column,
+                        base_dir=source.base_dir)
+    # Everything is checked: the folder may be written now.
+    resuming = store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
+    store.save_config(config.redacted())
+    exporter = (HubExporter.from_config(store.dir, config.output, config.dataset.split)
+                if config.output.push_to_hub else None)
+    core = RunCore(config, store, shape, retry_errors=retry_errors, exporter=exporter, total_rows=source.num_rows,
+                   show_progress=show_progress, started=started, resuming=resuming)
+    run = config.run
+    if run.backend == "ray":
+        backend: Backend = RayBackend(source, spec, chunk_size=run.chunk_size, window_chunks=run.window_chunks,
+                                      workers=run.workers, prep_threads=run.prep_threads, ray_address=run.ray_address)
+    else:
+        backend = LocalBackend(source, spec, llm=llm, chunk_size=run.chunk_size, window_chunks=run.window_chunks,
+                               prep_threads=run.prep_threads, handle_signals=handle_signals)
+    return RunPlan(core, backend)
+
+
+__all__ = ["plan_run", "session_spec", "RunPlan"]
