@@ -30,16 +30,23 @@ class _Section(BaseModel):
 
 
 class DatasetConfig(_Section):
-    path: str | None = None
-    name: str | None = None
-    data_dir: str | None = None
-    data_files: str | list[str] | dict[str, str | list[str]] | None = None
-    split: str = "train"
-    revision: str | None = None
-    streaming: bool = False
-    image_column: str = "image"
-    key_column: str | None = None
-    limit: int | None = Field(default=None, ge=0)
+    """Where the images come from: a Hugging Face dataset, from the Hub or from local files."""
+
+    path: str | None = Field(default=None, description=(
+        "Hub dataset id (`user/name`), local folder, or a builder (`parquet`, `imagefolder`, `csv`, `json`, "
+        "`webdataset`, ...) used with `data_files` / `data_dir`. Required, unless the Python API is given a dataset."))
+    name: str | None = Field(default=None, description="The dataset's config name.")
+    data_dir: str | None = Field(default=None, description="Folder inside the Hub repo or on disk.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(default=None, description=(
+        "A file, a glob, a list of them, or a `{split: files}` mapping."))
+    split: str = Field(default="train", description="The split to caption; also the output's split name.")
+    revision: str | None = Field(default=None, description="Hub branch, tag or commit to read.")
+    streaming: bool = Field(default=False, description=(
+        "Read the dataset as it goes, with no full download first; a resumed run skips the finished chunks."))
+    image_column: str = Field(default="image", description="The column holding the images.")
+    key_column: str | None = Field(default=None, description=(
+        "A column with a unique id per row; a resumed run matches answers to rows by it instead of by position."))
+    limit: int | None = Field(default=None, ge=0, description="Caption only the first N rows (null: every row).")
 
 
 class PromptConfig(_Section):
@@ -48,11 +55,17 @@ class PromptConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    text: str = "Describe this image in one detailed paragraph."
-    system: str | None = None
-    schema_: Any = Field(default=None, alias="schema")  # checked by prompts.AnswerSchema.from_spec
-    temperature: float | None = Field(default=None, ge=0, le=2)  # overrides model.temperature
-    max_tokens: int | None = Field(default=None, ge=1)  # overrides model.max_tokens
+    text: str = Field(default="Describe this image in one detailed paragraph.", description=(
+        "The instruction sent with every image; `{column}` is replaced by the row's value of that column."))
+    system: str | None = Field(default=None, description=(
+        "An optional system message (`{column}` placeholders work here too)."))
+    schema_: Any = Field(default=None, alias="schema", description=(  # checked by row.prompts.AnswerSchema.from_spec
+        "Ask for a JSON answer of this shape: a mapping of field to type (in Python, also a pydantic model "
+        "class); each field becomes a typed column."))
+    temperature: float | None = Field(default=None, ge=0, le=2, description=(
+        "This prompt's sampling temperature (null: `model.temperature`)."))
+    max_tokens: int | None = Field(default=None, ge=1, description=(
+        "This prompt's answer length cap (null: `model.max_tokens`)."))
 
     @field_serializer("schema_")
     def _schema_as_data(self, schema: Any) -> Any:
@@ -62,52 +75,98 @@ class PromptConfig(_Section):
 
 
 class ImageConfig(_Section):
-    max_side: int = Field(default=1024, ge=16)
-    detail: Literal["low", "high", "auto"] = "auto"
-    quality: int = Field(default=90, ge=1, le=100)
+    """How each image is prepared before it is sent."""
+
+    max_side: int = Field(default=1024, ge=16, description=(
+        "Longest side sent, in pixels; larger images are shrunk (JPEGs decoded at reduced size)."))
+    detail: Literal["low", "high", "auto"] = Field(default="auto", description=(
+        "OpenAI's image detail: `low` (85 tokens), `high` or `auto` (85 + 170 per 512 px tile)."))
+    quality: int = Field(default=90, ge=1, le=100, description="JPEG quality when an image is re-encoded.")
     # Shrink each image further until it counts at most this many input tokens under the model's
     # image rule (prices.py); a budget no image can meet is refused by prices.check_cost_settings.
-    max_tokens_per_image: int | None = Field(default=None, ge=1)
+    max_tokens_per_image: int | None = Field(default=None, ge=1, description=(
+        "Input tokens one image may count: each image is sent at the largest size (aspect ratio kept, never "
+        "enlarged, never above `max_side`) that counts at most this many under the model's image rule at `detail`. "
+        "A budget no image can meet stops with exit 2."))
 
 
 class LimitsConfig(_Section):
-    max_concurrency: int = Field(default=16, ge=1)
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
+    """How fast requests go out: requests in flight, and the provider's rate limits."""
+
+    max_concurrency: int = Field(default=16, ge=1, description="Requests in flight at most.")
+    requests_per_minute: float | None = Field(default=None, gt=0, description=(
+        "Requests per minute (null: no configured limit; the limit adapts to what the endpoint announces)."))
+    tokens_per_minute: float | None = Field(default=None, gt=0, description=(
+        "Tokens per minute, counted as the image's tokens by the model's image rule (the one `capstream estimate` "
+        "uses) + the prompt + `max_tokens` (null: no configured limit)."))
 
 
 class RetryConfig(_Section):
-    max_attempts: int = Field(default=6, ge=1)
-    max_wait_s: float = Field(default=60.0, gt=0)
-    invalid_answer_attempts: int = Field(default=3, ge=1)  # answers not matching prompt.schema
+    """How failed requests are tried again."""
+
+    max_attempts: int = Field(default=6, ge=1, description=(
+        "Attempts per request for 429, 5xx, timeouts and dropped connections; a request still failing after them "
+        "stops the run (exit 1, resumable)."))
+    max_wait_s: float = Field(default=60.0, gt=0, description=(
+        "Longest wait between attempts, in seconds; `Retry-After` / `retry-after-ms` are honoured up to it."))
+    invalid_answer_attempts: int = Field(default=3, ge=1, description=(
+        "Requests per prompt while the answer does not match `prompt.schema` (each one is paid)."))
 
 
 class RunConfig(_Section):
-    chunk_size: int = Field(default=1000, ge=1)
-    window_chunks: int = Field(default=8, ge=1)
-    prep_threads: int = Field(default=2, ge=1)
-    workers: int = Field(default=1, ge=1)
-    cache: bool = True  # re-use answers bought by earlier runs (any output.dir) for the same request
-    cache_dir: str | None = None  # null: $CAPSTREAM_CACHE_DIR, else ~/.cache/capstream
+    """How the run is carried out: chunks, processes, the response cache, the budget and the backend."""
+
+    chunk_size: int = Field(default=1000, ge=1, description="Rows per output shard.")
+    window_chunks: int = Field(default=8, ge=1, description=(
+        "Chunks in memory at once; requests flow across them without waiting for a chunk to finish."))
+    prep_threads: int = Field(default=2, ge=1, description="Threads preparing images.")
+    workers: int = Field(default=1, ge=1, description=(
+        "Processes sending requests: 2 or more adds worker processes that share the request work with the main "
+        "process, which keeps the rate limits global (needs the model from `model.*`, not `llm=` in code). "
+        "With `backend: ray`: the number of caption actors on the cluster."))
+    cache: bool = Field(default=True, description=(
+        "Re-use answers any earlier run on this machine bought for the same request (any `output.dir`)."))
+    cache_dir: str | None = Field(default=None, description=(
+        "Where the response cache lives (null: `$CAPSTREAM_CACHE_DIR`, else `$XDG_CACHE_HOME/capstream`, "
+        "else `~/.cache/capstream`)."))
     # Stop (resumable) once the USD spent into output.dir, all runs together, reaches this.
-    max_cost_usd: float | None = Field(default=None, gt=0)
-    backend: Literal["local", "ray"] = "local"  # ray: Ray Data reads, caption actors, one global limit
-    ray_address: str | None = None  # the Ray cluster to join (null: RAY_ADDRESS, else a local Ray)
+    max_cost_usd: float | None = Field(default=None, gt=0, description=(
+        "Stop (exit 1, resumable) once the USD spent into `output.dir`, all runs together, reaches this; "
+        "needs a known price (exit 2 otherwise)."))
+    backend: Literal["local", "ray"] = Field(default="local", description=(
+        "`local`: this process (and `workers`) does everything. `ray`: Ray Data reads the input and caption "
+        "actors on a Ray cluster send the requests under one cluster-wide rate limit "
+        "(needs `pip install 'capstream[ray]'`)."))
+    ray_address: str | None = Field(default=None, description=(
+        "With `backend: ray`, the cluster to join (`auto`, `ray://head:10001`, ...); null: the `RAY_ADDRESS` "
+        "variable, else a local Ray started for the run and stopped after it."))
 
 
 class OutputConfig(_Section):
-    dir: str | None = None
-    caption_column: str = "caption"
-    error_column: str = "error"
+    """Where the captioned dataset is written, and where on the Hub it is pushed."""
+
+    dir: str | None = Field(default=None, description=(
+        "The output folder (Python API: a temporary folder when null)."))
+    caption_column: str = Field(default="caption", description="Name of the answer column.")
+    error_column: str = Field(default="error", description="Name of the error column.")
     # The Hub (hub.py): where the run's folder is pushed, and how. None: no push.
-    push_to_hub: str | None = None
-    private: bool = True
-    config_name: str = "default"
-    split: str | None = None  # None: the source split
-    commit_message: str | None = None
-    revision: str | None = None
-    push_every: int | str | None = None  # finished shards (int) or a time ("30s", "10m", "1h")
-    hub_timeout_s: float = Field(default=30.0, gt=0)
+    push_to_hub: str | None = Field(default=None, description=(
+        "A Hub dataset repo (`user/name`) to push the output folder to; created if missing (null: no push)."))
+    private: bool = Field(default=True, description=(
+        "Create that repo private (an existing repo keeps its visibility)."))
+    config_name: str = Field(default="default", description=(
+        "The dataset config the shards belong to on the Hub (`default`: under `data/`, else under `<config_name>/`)."))
+    split: str | None = Field(default=None, description="The split name on the Hub (null: `dataset.split`).")
+    commit_message: str | None = Field(default=None, description=(
+        "Message of every commit (null: `capstream: N shard(s) of <split> (R rows)`)."))
+    revision: str | None = Field(default=None, description=(
+        "Branch to push to, created from `main` if missing (null: `main`)."))
+    push_every: int | str | None = Field(default=None, description=(
+        "Push while the run goes on, every N finished shards (`10`) or every period (`30s`, `10m`, `1h`); "
+        "null: push once, at the end."))
+    hub_timeout_s: float = Field(default=30.0, gt=0, description=(
+        "Timeout of every Hub request in seconds (the longest wait for the next byte, not a cap on an upload), "
+        "reading the dataset included."))
 
     @field_validator("push_to_hub")
     @classmethod
@@ -131,15 +190,19 @@ class OutputConfig(_Section):
 
 
 class Config(_Section):
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    prompt: PromptConfig = Field(default_factory=PromptConfig)
-    prompts: dict[str, PromptConfig] | None = None  # output column -> prompt, instead of `prompt`
-    image: ImageConfig = Field(default_factory=ImageConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    retry: RetryConfig = Field(default_factory=RetryConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
+    """A whole run's configuration: one YAML file, one key per section."""
+
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="The dataset to caption.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The chat model that writes the captions.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="The one prompt asked of every image.")
+    prompts: dict[str, PromptConfig] | None = Field(default=None, description=(
+        "Several prompts per image instead of `prompt`: a mapping of output column to a prompt with the keys "
+        "of `prompt`."))
+    image: ImageConfig = Field(default_factory=ImageConfig, description="How images are prepared before sending.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Concurrency and rate limits.")
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="Retries of failed requests.")
+    run: RunConfig = Field(default_factory=RunConfig, description="How the run is carried out.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="The output folder and the Hub push.")
 
     # Keys whose change changes the answers or which rows they belong to: a run directory made with
     # other values refuses to resume (store.RunStore.open).
