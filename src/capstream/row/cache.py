@@ -28,6 +28,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
 _MISSING = object()
 log = logging.getLogger("capstream")
 
@@ -60,7 +62,13 @@ class ResponseCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # One connection per cache object, used from the event loop's thread only.
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            # Switching a new file to WAL takes its lock without waiting on the busy timeout: two
+            # processes opening a new cache at once get SQLITE_BUSY here, so it is tried again (a
+            # file already in WAL mode answers at once).
+            for attempt in Retrying(retry=retry_if_exception_type(sqlite3.OperationalError), reraise=True,
+                                    stop=stop_after_delay(30), wait=wait_random_exponential(0.01, max=0.5)):
+                with attempt:
+                    self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash may lose the last answers, never corrupts
             self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
                              "input_tokens INTEGER, output_tokens INTEGER, created REAL)")
