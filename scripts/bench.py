@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Throughput and memory benchmark: capstream against the seed's approach, side by side, one run.
+"""Throughput and memory benchmark: capstream against chunked LCEL ``abatch``, side by side, one run.
 
 Every scenario starts its own fake OpenAI-compatible server (tests/fake_openai.py, a separate
 process on 127.0.0.1) and runs, each in its own subprocess, against the same data:
 
 * capstream: ``capstream run`` with the scenario's config;
-* seed: the background document's approach, a plain LCEL chain (message builder | ChatOpenAI |
+* baseline: chunked LCEL ``abatch``, the common LangChain recipe: a plain LCEL chain (message builder | ChatOpenAI |
   StrOutputParser) and ``chain.abatch(chunk, config={"max_concurrency": n})`` per chunk.
 
 Rates are rows over the work time each side reports (from opening the dataset to the last row
@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE_SERVER = REPO / "tests" / "fake_openai.py"
 HEAVY_TAIL = ["--latency-lognormal", "0.5", "0.5", "--stragglers", "0.02", "10"]
 HEAVY_TAIL_MEAN_S = 0.5 * 2.718281828 ** (0.5**2 / 2) * (0.98 + 0.02 * 10)  # lognormal mean x stragglers
 
@@ -55,8 +54,8 @@ class Scenario:
     run: dict = field(default_factory=dict)  # extra run.* keys for capstream
     streaming: bool = False
     ceiling: float | None = None  # rows/s a perfect client reaches
-    seed: bool = True  # also run the seed's approach
-    seed_of: str | None = None  # compare with the seed side of this scenario (same data and server)
+    baseline: bool = True  # also run the baseline (chunked LCEL abatch)
+    baseline_of: str | None = None  # compare with the baseline side of this scenario (same data and server)
     compare_local: bool = False  # also run the local backend (fast server, no limit) and compare outputs
     note: str = ""
 
@@ -64,18 +63,18 @@ class Scenario:
 SCENARIOS = [
     Scenario("heavy-tail-2000", 2000, 32, 256, HEAVY_TAIL, ceiling=32 / HEAVY_TAIL_MEAN_S,
              note="lognormal latency (median 0.5 s, sigma 0.5), 2% stragglers at 10x"),
-    Scenario("heavy-tail-8000", 8000, 32, 256, HEAVY_TAIL, ceiling=32 / HEAVY_TAIL_MEAN_S, seed=False,
+    Scenario("heavy-tail-8000", 8000, 32, 256, HEAVY_TAIL, ceiling=32 / HEAVY_TAIL_MEAN_S, baseline=False,
              note="the same, 8000 rows, against the ceiling"),
     Scenario("zero-latency-3000", 3000, 64, 256, ["--latency", "0"], note="the client's CPU is the limit"),
-    Scenario("zero-latency-3000-workers-2", 3000, 64, 256, ["--latency", "0"], run={"workers": 2}, seed=False,
-             seed_of="zero-latency-3000",
+    Scenario("zero-latency-3000-workers-2", 3000, 64, 256, ["--latency", "0"], run={"workers": 2}, baseline=False,
+             baseline_of="zero-latency-3000",
              note="the same with run.workers: 2"),
     Scenario("rpm-600-configured", 900, 32, 100, ["--latency", "0.2", "--rpm-limit", "600"],
              limits={"requests_per_minute": 600}, ceiling=10.0, note="server allows 600/min; 600 configured"),
     Scenario("rpm-600-unconfigured", 900, 32, 100, ["--latency", "0.2", "--rpm-limit", "600"],
              ceiling=10.0, note="server allows 600/min; no limit configured"),
     Scenario("ray-rpm-600-workers-2", 1200, 32, 100, ["--latency", "0.2", "--rpm-limit", "600"],
-             limits={"requests_per_minute": 600}, run={"backend": "ray", "workers": 2}, ceiling=10.0, seed=False,
+             limits={"requests_per_minute": 600}, run={"backend": "ray", "workers": 2}, ceiling=10.0, baseline=False,
              compare_local=True, note="run.backend: ray, 2 workers, one global limit; server allows 600/min, "
                                       "600 configured; seconds include starting Ray"),
     Scenario("stream-memory-4000", 4000, 32, 256, ["--latency", "0"], streaming=True, note="peak RSS"),
@@ -128,7 +127,7 @@ def dataset_file(rows: int, folder: Path) -> Path:
 
 class Server:
     def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), "--port", "0", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "capstream.testing.openai_server", "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.url = self.proc.stdout.readline().strip()
 
@@ -183,16 +182,16 @@ def run_capstream(sc: Scenario, url: str, data: Path, work: Path, out: Path | No
             "startup_s": summary.get("startup_s")}
 
 
-def run_seed(sc: Scenario, url: str, data: Path) -> dict:
+def run_baseline(sc: Scenario, url: str, data: Path) -> dict:
     args = json.dumps({"url": url, "data": str(data), "chunk": sc.chunk, "concurrency": sc.concurrency,
                        "streaming": sc.streaming})
-    wall, rss, cpu, text = run_measured([sys.executable, __file__, "--seed-side", args])
+    wall, rss, cpu, text = run_measured([sys.executable, __file__, "--baseline-side", args])
     result = json.loads(text.strip().splitlines()[-1])
     return {"wall": wall, "rss": rss, "cpu": cpu, **result}
 
 
-async def _seed_approach(url: str, data: str, chunk: int, concurrency: int, streaming: bool) -> dict:
-    """The background document's approach, as written there: chunked abatch with max_concurrency."""
+async def _baseline(url: str, data: str, chunk: int, concurrency: int, streaming: bool) -> dict:
+    """Chunked LCEL ``abatch``, the common LangChain recipe: ``chain.abatch(chunk, config={"max_concurrency": n})``."""
     import datasets
     from langchain_core.messages import HumanMessage
     from langchain_core.output_parsers import StrOutputParser
@@ -221,12 +220,11 @@ def best_case_seconds(rows: int, concurrency: int, chunk: int | None = None, ser
     """Seconds a client with no time of its own needs against the heavy-tail server: it draws each
     request's latency in arrival order from a fixed seed (``--seed``, 0 in every scenario), so the
     schedule is known. Slots refilled the instant they free (``chunk=None``), or chunk by chunk with
-    a barrier (the seed's approach)."""
+    a barrier (the baseline's chunks)."""
     import heapq
     import random
 
-    sys.path.insert(0, str(FAKE_SERVER.parent))
-    from fake_openai import lognormal_latency
+    from capstream.testing.openai_server import lognormal_latency
 
     rng, latency = random.Random(server_seed), lognormal_latency(0.5, 0.5, 0.02, 10)
     latencies = []
@@ -251,10 +249,10 @@ def best_case_seconds(rows: int, concurrency: int, chunk: int | None = None, ser
 def measure(sc: Scenario, work: Path) -> list[dict]:
     data = dataset_file(sc.rows, work)
     rows = []
-    for side in (["capstream", "seed"] if sc.seed else ["capstream"]):
+    for side in (["capstream", "baseline"] if sc.baseline else ["capstream"]):
         server = Server(sc.server_args)
         try:
-            result = run_capstream(sc, server.url, data, work) if side == "capstream" else run_seed(sc, server.url, data)
+            result = run_capstream(sc, server.url, data, work) if side == "capstream" else run_baseline(sc, server.url, data)
             stats = server.stats()
         finally:
             server_cpu = server.stop()
@@ -293,15 +291,15 @@ def same_as_local(sc: Scenario, data: Path, work: Path) -> bool:
 
 def table(results: list[dict]) -> str:
     by = {(r["scenario"], r["side"]): r for r in results}
-    lines = ["| scenario | side | rows ok | seconds (wall) | rows/s | vs seed | of ceiling | requests | 429s | asked twice | peak RSS | CPU s (server's) |",
+    lines = ["| scenario | side | rows ok | seconds (wall) | rows/s | vs baseline | of ceiling | requests | 429s | asked twice | peak RSS | CPU s (server's) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for sc in SCENARIOS:
-        for side in ("capstream", "seed"):
+        for side in ("capstream", "baseline"):
             r = by.get((sc.name, side))
             if not r:
                 continue
-            seed = by.get((sc.seed_of or sc.name, "seed"))
-            vs = f"{r['rate'] / seed['rate']:.2f}x" if seed and side == "capstream" else ""
+            base = by.get((sc.baseline_of or sc.name, "baseline"))
+            vs = f"{r['rate'] / base['rate']:.2f}x" if base and side == "capstream" else ""
             ceiling = f"{100 * r['rate'] / sc.ceiling:.0f}%" if sc.ceiling else ""
             lines.append(f"| {sc.name} | {side} | {r['ok']}/{r['rows']} | {r['seconds']:.1f} ({r['wall']:.1f}) | "
                          f"{r['rate']:.1f} | {vs} | {ceiling} | {r['requests']} | {r['r429']} "
@@ -320,19 +318,19 @@ def main() -> None:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "capstream-bench"))
     ap.add_argument("--bounds", action="store_true", help="print the best case of the heavy-tail scenarios")
-    ap.add_argument("--seed-side", help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-side", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.seed_side:
-        print(json.dumps(asyncio.run(_seed_approach(**json.loads(args.seed_side)))))
+    if args.baseline_side:
+        print(json.dumps(asyncio.run(_baseline(**json.loads(args.baseline_side)))))
         return
     if args.bounds:
         for sc in SCENARIOS:
             if sc.server_args == HEAVY_TAIL:
                 best = best_case_seconds(sc.rows, sc.concurrency)
                 line = f"{sc.name}: no client time {best:.1f} s = {sc.rows / best:.1f} rows/s"
-                if sc.seed:
-                    seed = best_case_seconds(sc.rows, sc.concurrency, sc.chunk)
-                    line += f"; seed's chunks {seed:.1f} s; ratio {seed / best:.2f}x"
+                if sc.baseline:
+                    chunked = best_case_seconds(sc.rows, sc.concurrency, sc.chunk)
+                    line += f"; the baseline's chunks {chunked:.1f} s; ratio {chunked / best:.2f}x"
                     # The same two bounds for other draws of the server's latencies.
                     ratios = sorted(best_case_seconds(sc.rows, sc.concurrency, sc.chunk, s)
                                     / best_case_seconds(sc.rows, sc.concurrency, None, s) for s in range(100))

@@ -2,7 +2,7 @@
 """How long ``capstream run`` with ``output.push_to_hub`` takes to give up on a Hub that accepts
 connections and never answers, with the default ``output.hub_timeout_s`` (or ``--timeout``).
 
-Starts the tests' fake Hub (tests/fake_hub.py, hang mode) and fake OpenAI server on 127.0.0.1,
+Starts the fake Hub (capstream.testing.hub_server, hang mode) and fake OpenAI server on 127.0.0.1,
 captions 100 rows into a temporary folder and prints the exit code, the seconds it took, how many
 requests the Hub received, and whether the local output is complete.
 
@@ -22,15 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import datasets
+import yaml
+from PIL import Image
+
+from capstream.testing.hub_server import FakeHub
+from capstream.testing.openai_server import FakeOpenAI
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-import datasets  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from fake_hub import FakeHub  # noqa: E402
-from fake_openai import FakeOpenAI  # noqa: E402
 
 
 def main() -> None:

@@ -3,32 +3,31 @@
 against the fake OpenAI server with no latency, 64 requests in flight: the per-request cost that
 limits a run against a fast local endpoint.
 
-    python scripts/request_cpu.py                    # with capstream's sdk_speedups (as a run)
+    python scripts/request_cpu.py                    # with capstream's patches (as a run)
     python scripts/request_cpu.py --sdk-transform    # with the SDK's own request-body transform
 """
 
 import argparse
 import asyncio
 import base64
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "scripts"))
+from bench import (  # the sibling script's server and JPEGs (python puts scripts/ on sys.path)
+    Server,
+    _base_jpeg,
+    _unique_jpeg,
+)
 
-from bench import Server, _base_jpeg, _unique_jpeg  # noqa: E402  (the benchmark's server and JPEGs)
-from capstream.config import ModelConfig  # noqa: E402
-from capstream.model_call import ImageRequest, ModelCall  # noqa: E402
-from capstream.models import async_http_client, build_chat_model  # noqa: E402
+from capstream.model.call import ImageRequest, ModelCall
+from capstream.model.chat_models import async_http_client, build_chat_model
+from capstream.model.settings import ModelConfig
 
 
 async def measure(url: str, requests: int, sdk_transform: bool) -> float:
     http = async_http_client(60)
     call = ModelCall(build_chat_model(ModelConfig(provider="openai", name="fake-vlm", base_url=url, api_key_env=None),
-                                      http))
-    if sdk_transform:  # undo send_plain_bodies_untransformed
+                                      http), owns=http)
+    if sdk_transform:  # undo patches/openai_sdk.send_plain_bodies_untransformed
         from openai._utils import _transform
 
         _transform.transform = _transform.transform.__wrapped__
@@ -45,7 +44,7 @@ async def measure(url: str, requests: int, sdk_transform: bool) -> float:
     started = time.process_time()
     await asyncio.gather(*(one(u) for u in urls))
     cpu = time.process_time() - started
-    await http.aclose()
+    await call.aclose()
     return cpu / requests
 
 
@@ -59,7 +58,7 @@ def main() -> None:
         per_request = asyncio.run(measure(server.url, args.requests, args.sdk_transform))
     finally:
         server.stop()
-    which = "the SDK's own transform" if args.sdk_transform else "sdk_speedups"
+    which = "the SDK's own transform" if args.sdk_transform else "capstream's patches"
     print(f"{per_request * 1000:.2f} ms of client CPU per request ({args.requests} requests, {which})")
 
 

@@ -6,30 +6,26 @@ Answers of a paragraph each.
     python scripts/seal_pause.py
 """
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from capstream.results import PromptAnswer  # noqa: E402
-from capstream.store import RunStore  # noqa: E402
+from capstream.io.results_log import LogRecord, ResultsLog
+from capstream.row.results import PromptAnswer
 
 CAPTION = "A detailed paragraph describing the image: " + "words " * 50
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
-        store = RunStore(folder, "train")
-        store.open({"bench": 1}, 1000)
+        log = ResultsLog(Path(folder) / "results.jsonl")
         answers, slowest = 0, 0.0
-        while not any(store.state.glob("results.0*.jsonl.summary.json")):
+        while not any(Path(folder).glob("results.0*.jsonl.summary.json")):
             started = time.perf_counter()
-            store.log_answer(answers // 1000, answers, "caption", PromptAnswer(CAPTION, None, 1200, 90))
+            log.append(LogRecord.of(answers // 1000, answers, "caption", PromptAnswer(CAPTION, None, 1200, 90)))
             slowest = max(slowest, time.perf_counter() - started)
             answers += 1
-        store.close()
+        log.close()
     print(f"sealed after {answers} answers of {len(CAPTION)} characters; the sealing append took {slowest:.2f} s")
 
 

@@ -113,12 +113,12 @@ def write_config(path: Path, server_url: str | None, data_file: Path | str, out_
     return path
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 240, cwd: Path = REPO) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "FAKE_KEY": "sk-test-secret-123", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "capstream.cli", *args, "--no-progress"] if args and args[0] == "run"
         else [sys.executable, "-m", "capstream.cli", *args],
-        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO,
+        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd,
     )
 
 

@@ -1,8 +1,10 @@
 """The run configuration: pydantic models mirroring the YAML file.
 
-Sections: ``dataset``, ``model``, ``prompt``, ``image``, ``limits``, ``retry``, ``run``, ``output``.
-Unknown keys are refused. ``${VAR}`` in string values is read from the environment, and
-``--set section.key=value`` overrides any key before validation, so the schema types it.
+Sections: ``dataset``, ``model``, ``prompt``, ``image``, ``limits``, ``retry``, ``run``, ``output``
+(``model`` is defined with the chat-model builders, ``model/settings.py``: worker processes rebuild it
+alone). Unknown keys are refused. ``${VAR}`` in string values is read from the environment, and
+``--set section.key=value`` overrides any key before validation, so the schema types it. A config is
+checked once, when it is made (``Config``'s validators); ``setup.py`` then turns it into a run's parts.
 
     >>> cfg = load_config("configs/demo.yaml", overrides=["limits.max_concurrency=3"])
     >>> cfg.limits.max_concurrency
@@ -83,7 +85,7 @@ class ImageConfig(_Section):
         "OpenAI's image detail: `low` (85 tokens), `high` or `auto` (85 + 170 per 512 px tile)."))
     quality: int = Field(default=90, ge=1, le=100, description="JPEG quality when an image is re-encoded.")
     # Shrink each image further until it counts at most this many input tokens under the model's
-    # image rule (prices.py); a budget no image can meet is refused by prices.check_cost_settings.
+    # image rule (cost/pricing.py); a budget no image can meet is refused by pricing.check_cost_settings.
     max_tokens_per_image: int | None = Field(default=None, ge=1, description=(
         "Input tokens one image may count: each image is sent at the largest size (aspect ratio kept, never "
         "enlarged, never above `max_side`) that counts at most this many under the model's image rule at `detail`. "
@@ -149,7 +151,7 @@ class OutputConfig(_Section):
         "The output folder (Python API: a temporary folder when null)."))
     caption_column: str = Field(default="caption", description="Name of the answer column.")
     error_column: str = Field(default="error", description="Name of the error column.")
-    # The Hub (hub.py): where the run's folder is pushed, and how. None: no push.
+    # The Hub (io/hub.py): where the run's folder is pushed, and how. None: no push.
     push_to_hub: str | None = Field(default=None, description=(
         "A Hub dataset repo (`user/name`) to push the output folder to; created if missing (null: no push)."))
     private: bool = Field(default=True, description=(
@@ -205,7 +207,7 @@ class Config(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig, description="The output folder and the Hub push.")
 
     # Keys whose change changes the answers or which rows they belong to: a run directory made with
-    # other values refuses to resume (store.RunStore.open).
+    # other values refuses to resume (io/store.RunStore.check).
     FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = (
         "dataset.path", "dataset.name", "dataset.data_dir", "dataset.data_files", "dataset.split",
         "dataset.revision", "dataset.image_column", "dataset.key_column", "dataset.limit",

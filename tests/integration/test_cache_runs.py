@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from capstream.row.cache import ResponseCache
 
 from conftest import (
@@ -66,6 +68,7 @@ def test_identical_images_cost_one_request(server, tmp_path):
         assert summary["requests"] == 100 and summary["reused"].get("dedup", 0) + summary["reused"].get("cache", 0) == 100
 
 
+@pytest.mark.slow
 def test_a_new_output_dir_buys_nothing_already_bought(server, tmp_path):
     rows, broken = make_rows(80, broken_every=20)
     data = write_parquet(tmp_path / "d.parquet", rows)

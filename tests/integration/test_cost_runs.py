@@ -142,6 +142,7 @@ def test_max_cost_usd_needs_a_known_price(server, tmp_path):
     assert run_cli("validate", str(config), "--set", "run.max_cost_usd=0").returncode == 2
 
 
+@pytest.mark.slow
 def test_max_cost_usd_stops_cleanly_and_a_higher_budget_resumes(server, tmp_path):
     n = 150
     rows, broken = make_rows(n, broken_every=50)

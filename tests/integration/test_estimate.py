@@ -81,6 +81,7 @@ def corrupt_parquet(path, rows):
     return path
 
 
+@pytest.mark.slow
 def test_estimate_sends_nothing_and_matches_the_run(server, big_parquet, tmp_path):
     config = write_config(tmp_path / "c.yaml", server.url, big_parquet, tmp_path / "out", image={"detail": "high"})
     result = run_cli("estimate", str(config), "--json")

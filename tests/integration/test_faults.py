@@ -24,6 +24,7 @@ def _config(server, tmp_path, rows, **sections):
     return write_config(tmp_path / "c.yaml", server.url, data, tmp_path / "out", **sections)
 
 
+@pytest.mark.slow
 def test_429_500_drop_hang_are_retried(server, tmp_path):
     """1000 rows; 5% 429 (Retry-After: 1), 3% 500, 1% dropped connections, 0.5% hung requests."""
     rows, broken = make_rows(1000, broken_every=50)

@@ -34,6 +34,8 @@ from conftest import (
     write_parquet,
 )
 
+pytestmark = pytest.mark.hub
+
 TOKEN = "hf_test_token_0123456789"
 KEY = "sk-test-secret-123"  # conftest.run_cli's FAKE_KEY
 
@@ -167,6 +169,39 @@ def test_continuous_export_survives_a_kill(hub, server, source_rows, tmp_path):
     assert_no_secret(hub, "alice/live")
 
 
+def test_a_card_pushed_during_a_run_shows_the_cost_so_far(hub, server, source_rows, tmp_path):
+    """A card pushed while the run goes on prices the rows of the shards it describes (each chunk's
+    cost is in the manifest); the last one, the whole run's."""
+    rows, broken, parquet = source_rows
+    hub.add_repo("alice/images", {"data/train.parquet": parquet}, private=True)
+    server.latency = 0.05
+    out = tmp_path / "out"
+    config = hub_config(tmp_path, server.url, out, push_to_hub="alice/priced", push_every=1)
+    priced = ["--set", "model.price_input_per_mtok=2", "--set", "model.price_output_per_mtok=8"]
+    proc = subprocess.Popen([sys.executable, "-m", "capstream.cli", "run", str(config), "--no-progress",
+                             "--set", "limits.max_concurrency=2", *priced],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, env={**os.environ, "FAKE_KEY": KEY})
+    try:
+        def card(commit) -> str:
+            return commit.files["README.md"].data.decode() if "README.md" in commit.files else ""
+
+        priced_card = lambda: "alice/priced" in hub.repos and any(  # noqa: E731
+            "Cost: $" in card(c) for c in hub.commits("alice/priced"))
+        assert hub.wait_for(priced_card, timeout=120)
+        assert proc.poll() is None, "the run ended before a card was pushed mid-run"
+    finally:
+        _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    manifest = json.loads((out / ".capstream" / "manifest.json").read_text())
+    first = next(c for c in hub.commits("alice/priced") if "Cost: $" in card(c))
+    on_hub = [int(p.split("-")[1].split(".")[0]) for p in first.files if p.endswith(".parquet")]
+    assert 0 < len(on_hub) < len(manifest["done"])
+    so_far = sum(manifest["done"][str(i)]["cost_usd"] for i in on_hub)
+    assert f"Cost: ${so_far:.4f} for the answers received so far" in card(first)
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"Cost: ${summary['cost_usd']:.4f} for every answer received, all runs" in card(hub.commits("alice/priced")[-1])
+
+
 def test_push_command_of_a_finished_run(hub, server, source_rows, tmp_path):
     rows, broken, parquet = source_rows
     data_file = write_parquet(tmp_path / "src.parquet", rows)
@@ -188,6 +223,7 @@ def test_push_command_of_a_finished_run(hub, server, source_rows, tmp_path):
     assert len(hub.commits("bob/pushed")) == commits
 
 
+@pytest.mark.slow
 def test_push_names_config_split_and_branch(hub, server, source_rows, tmp_path):
     rows, broken, parquet = source_rows
     data_file = write_parquet(tmp_path / "src.parquet", rows[:50])
@@ -212,6 +248,7 @@ def test_push_names_config_split_and_branch(hub, server, source_rows, tmp_path):
     assert len(load_repo("bob/multi", split="validation", revision="dev")) == 50
 
 
+@pytest.mark.slow
 def test_silent_hub_stops_the_run_with_the_local_output_complete(hub, server, source_rows, tmp_path):
     rows, broken, parquet = source_rows
     data_file = write_parquet(tmp_path / "src.parquet", rows)
@@ -233,6 +270,7 @@ def test_silent_hub_stops_the_run_with_the_local_output_complete(hub, server, so
     check_rows(load_repo("alice/silent"), rows, broken)
 
 
+@pytest.mark.slow
 def test_transient_hub_errors_are_retried_and_refusals_explained(hub, server, source_rows, tmp_path):
     rows, broken, parquet = source_rows
     data_file = write_parquet(tmp_path / "src.parquet", rows[:40])
@@ -351,6 +389,7 @@ def test_hub_timeouts_keep_the_callers_client_factory(hub_factories):
     assert hub_factories._GLOBAL_CLIENT_FACTORY.capstream_wraps.__name__ == "<lambda>"
 
 
+@pytest.mark.ray
 def test_ray_backend_pushes_to_the_hub(hub, server, source_rows, tmp_path):
     """run.backend: ray with output.push_to_hub: the driver, which writes the shards, pushes them."""
     pytest.importorskip("ray")

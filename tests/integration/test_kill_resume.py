@@ -23,7 +23,11 @@ import pytest
 
 from conftest import REPO, check_output, make_rows, write_config, write_parquet
 
+pytestmark = pytest.mark.slow  # every test kills or interrupts real runs
+
 KEY = "sk-test-secret-123"
+
+
 def cli_env() -> dict[str, str]:
     # Read at each start, not at import: the per-test response cache folder (conftest) is set later.
     return {**os.environ, "FAKE_KEY": KEY}

@@ -14,9 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import capstream
-from capstream.errors import ConfigError, RunStopped
+from capstream.errors import BudgetReached, ConfigError, RunStopped
 
 from conftest import check_output, expected_caption, load_out, make_rows, write_parquet
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a local Ray takes seconds to start
 
 KEY = "sk-test-secret-123"
 
@@ -187,3 +189,40 @@ def test_prompts_schema_and_templates_on_ray(local_ray, key, server, tmp_path):
     assert list(ray_out) == list(local_out)
     assert ray_out[3]["caption"] == f"{expected_caption(3).split()[1]} / Caption. Alt: row 3"
     assert ray_out[3]["people"] == int(expected_caption(3).split()[1].split("x")[0]) % 3
+
+
+def test_max_cost_usd_on_ray_stops_cleanly_and_a_higher_budget_resumes(local_ray, key, server, tmp_path):
+    """The cluster's one budget (the limit broker holds it): every actor stops sending once the money
+    spent, all runs into the folder, reaches it; a rerun with the same budget sends nothing, a higher
+    one finishes without buying anything twice."""
+    n = 150
+    rows, broken = make_rows(n, broken_every=50)
+    data = write_parquet(tmp_path / "d.parquet", rows)
+    server.latency = 0.05  # requests are in flight when the budget is reached
+    config = _config(server, data, tmp_path / "out", chunk_size=16, max_cost_usd=10.0)
+    # $1000 per million tokens: each request (~270 tokens) costs about $0.27
+    config["model"].update(price_input_per_mtok=1000.0, price_output_per_mtok=1000.0)
+    config["limits"]["max_concurrency"] = 4
+    with pytest.raises(BudgetReached, match="run.max_cost_usd reached") as stopped:
+        capstream.run(config, show_progress=False)
+    sent = server.requests
+    spent = (server.prompt_tokens_total + server.completion_tokens_total) * 1000.0 / 1e6
+    per_request = spent / server.ok
+    assert 10.0 <= spent and 0 < sent < n - len(broken)
+    # Over by at most what the two actors had in flight (4 each) and had not reported yet (4 each).
+    assert spent < 10.0 + 2 * 2 * 4 * per_request + 1e-9
+    summary = stopped.value.summary
+    assert summary.backend == "ray" and not summary.complete and summary.cost_usd == pytest.approx(spent)
+    assert "run.max_cost_usd reached" in summary.stopped
+
+    with pytest.raises(BudgetReached):  # the same budget, already spent: no request at all
+        capstream.run(config, show_progress=False)
+    assert server.requests == sent
+
+    config["run"]["max_cost_usd"] = 1000.0
+    result = capstream.run(config, show_progress=False)
+    assert result.summary.complete and server.requests == n - len(broken)  # nothing received paid again
+    assert max(server.image_requests.values()) == 1
+    check_output(tmp_path / "out", rows, broken)
+    total = (server.prompt_tokens_total + server.completion_tokens_total) * 1000.0 / 1e6
+    assert result.summary.cost_usd == pytest.approx(total)

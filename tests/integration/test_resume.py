@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import (
+    REPO,
     check_output,
     load_out,
     make_rows,
@@ -22,6 +25,7 @@ def _setup(server, tmp_path, n=120, **sections):
     return config, rows, broken
 
 
+@pytest.mark.slow
 def test_changed_settings_are_refused_unless_overwrite(server, tmp_path):
     config, rows, broken = _setup(server, tmp_path)
     assert run_cli("run", str(config)).returncode == 0
@@ -50,6 +54,7 @@ def test_finished_run_sends_nothing(server, tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "data").iterdir()} == shards
 
 
+@pytest.mark.slow
 def test_retry_errors_asks_only_for_the_failed_rows(server, tmp_path):
     config, rows, broken = _setup(server, tmp_path)
     refused = {3, 30, 31, 77}
@@ -100,3 +105,29 @@ def test_runs_resume_and_retry_across_log_segments(server, tmp_path, monkeypatch
     summary = run(str(config), show_progress=False).summary
     assert server.requests == 0 and summary.complete
     assert summary.paid_input_tokens == json.loads((tmp_path / "out" / "summary.json").read_text())["paid_input_tokens"]
+
+
+def test_a_folder_written_by_the_previous_release_resumes(server, tmp_path):
+    """tests/data/previous_release/out: a run the release before the run core stopped part way (two
+    shards, five answers of a third chunk in its log). The rerun takes its manifest, its log and its
+    shards as they are: it asks only the rows not answered, and the output is whole."""
+    import shutil
+
+    folder = tmp_path / "previous"
+    shutil.copytree(REPO / "tests" / "data" / "previous_release", folder)
+    manifest = json.loads((folder / "out" / ".capstream" / "manifest.json").read_text())
+    old_url = manifest["fingerprint"]["model.base_url"]
+    for name in ("config.yaml", "out/.capstream/manifest.json", "out/.capstream/config.json"):
+        path = folder / name
+        path.write_text(path.read_text().replace(old_url, server.url))  # this test's server, same settings
+    logged_ok = [json.loads(line) for line in (folder / "out" / ".capstream" / "results.jsonl").read_text().splitlines()]
+    logged_ok = [r for r in logged_ok if r["e"] is None]
+    assert sorted(manifest["done"]) == ["0", "1"] and len(logged_ok) == 19
+
+    result = run_cli("run", "config.yaml", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    rows, broken = make_rows(40, broken_every=10)
+    check_output(folder / "out", rows, broken)
+    assert server.requests == 40 - len(broken) - len(logged_ok)  # nothing logged was asked again
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    assert summary["complete"] and summary["rows_from_log"] == 5 and summary["started"] < summary["finished"]

@@ -137,6 +137,7 @@ def test_demo_config_runs_offline(tmp_path):
     assert all("mock caption" in c for c in ds["caption"][:] if c)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_output(server, source_300, tmp_path):
     """run.workers: 2 sends part of the requests from a second process; limits and output unchanged."""
     data_file, rows, broken = source_300
@@ -153,6 +154,7 @@ def test_worker_processes_give_the_same_output(server, source_300, tmp_path):
     assert 0 < summary["worker_requests"] < summary["requests"]  # both processes sent requests
 
 
+@pytest.mark.slow
 def test_worker_processes_from_a_script_without_a_main_guard(server, source_300, tmp_path):
     """A worker process runs only the model call: it does not re-run the caller's script, as a
     multiprocessing spawn start would (there, the script's run() would start again in the worker)."""

@@ -90,3 +90,74 @@ def test_other_bodies_still_go_through_the_sdk(sdk_transform):
     body = {"model": "m", "messages": iter([{"role": "user", "content": "hi", "name": omit}])}
     assert asyncio.run(_transform.async_transform(body, CompletionCreateParamsNonStreaming)) == {
         "model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+# --- every patch: tested against the installed version, and changing no result --------------------
+
+@pytest.mark.parametrize("patch", ["langchain_core", "openai_sdk", "datasets_parquet", "hf_hub_clients", "aiolimiter"])
+def test_each_patch_was_tested_with_the_installed_library(patch):
+    """Outside its tested versions a patch does nothing (the library's own behaviour stays); an
+    upgrade past the range must be noticed here, checked again, and the range widened."""
+    import importlib
+
+    from capstream.patches import tested
+
+    module = importlib.import_module(f"capstream.patches.{patch}")
+    assert tested(*module.TESTED), f"{module.TESTED[0]} is outside {module.TESTED[1:]}: check {patch}.py again"
+
+
+def test_a_retuned_limiter_admits_what_a_new_limiter_would():
+    """patches/aiolimiter.retune changes the rate in place: from then on the limiter admits at the
+    same times as a new AsyncLimiter at that rate holding the same level, waiters included."""
+    from aiolimiter import AsyncLimiter
+    from test_limits_and_retry import run_virtual
+
+    from capstream.patches.aiolimiter import retune
+
+    def admissions(limiter_at_new_rate):
+        async def main(loop):
+            limiter = limiter_at_new_rate()
+            times = []
+
+            async def take():
+                await limiter.acquire()
+                times.append(round(loop.time(), 6))
+
+            waiting = [asyncio.ensure_future(take()) for _ in range(30)]
+            await asyncio.gather(*waiting)
+            return times
+
+        return run_virtual(main)[0]
+
+    def retuned():
+        limiter = AsyncLimiter(5, 1)
+        for _ in range(5):
+            limiter._level += 1  # full at the old rate
+        assert retune(limiter, 20, 1)
+        return limiter
+
+    def fresh():
+        limiter = AsyncLimiter(20, 1)
+        limiter._level = 5.0
+        return limiter
+
+    # Equal up to the virtual clock's tick (it moves a microsecond per loop iteration).
+    assert admissions(retuned) == pytest.approx(admissions(fresh), abs=1e-5)
+    assert admissions(retuned)[-1] == pytest.approx((30 - 15) / 20, abs=1e-3)  # 15 fit at once, then 20/s
+
+
+def test_streamed_parquet_gets_the_row_group_reader(tmp_path):
+    """patches/datasets_parquet applies to datasets' parquet builder (its rows are compared with
+    datasets' own reader in test_source_streaming.py)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capstream.patches.datasets_parquet import read_row_groups_one_at_a_time
+
+    pq.write_table(pa.table({"id": [1, 2, 3]}), tmp_path / "a.parquet", row_group_size=1)
+    builder = datasets.load_dataset_builder("parquet", data_files=str(tmp_path / "a.parquet"))
+    own = builder._generate_tables
+    assert read_row_groups_one_at_a_time(builder)
+    assert builder._generate_tables is not own
+    assert [r["id"] for r in builder.as_streaming_dataset(split="train")] == [1, 2, 3]

@@ -333,7 +333,7 @@ class _Driver:
             if answer.source == "request":
                 self.core.usage.add_paid(answer.input_tokens, answer.output_tokens)
             elif answer.source in ("cache", "dedup"):
-                self.core.usage.reused[answer.source] += 1
+                self.core.usage.count_reused(answer.source)
 
     def _write(self, work: ChunkWork) -> None:
         try:

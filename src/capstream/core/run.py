@@ -100,6 +100,12 @@ class ChunkWork:
     def complete(self) -> bool:
         return self.pending == 0
 
+    def done(self, offset: int, result: RowResult) -> bool:
+        """A row's result is in; True once every row's is."""
+        self.results[offset] = result
+        self.pending -= 1
+        return self.complete
+
 
 class Backend(Protocol):
     """Where a run's requests go. ``run(core)`` asks about every row of the chunks the core does not
@@ -180,11 +186,9 @@ class RunCore:
 
     def row_done(self, work: ChunkWork, offset: int, result: RowResult) -> bool:
         """A row the backend captioned: counted and shown; True once its chunk is complete."""
-        work.results[offset] = result
-        work.pending -= 1
         self.rows.add(result)
         self.progress(result)
-        return work.complete
+        return work.done(offset, result)
 
     def write_shard(self, work: ChunkWork, files_read: dict[str, bytes] | None = None) -> None:
         """Write a complete chunk's shard (touches nothing shared: may run in a worker thread).

@@ -364,13 +364,10 @@ def push_target(out_dir: str | Path, repo_id: str, **given: Any) -> HubTarget:
     ``timeout_s``; None means "not given".
     """
     folder = _Folder.read(out_dir)
-    out = folder.config.output.model_copy()
     keys = {"timeout_s": "hub_timeout_s"}
+    chosen = {keys.get(name, name): value for name, value in given.items() if value is not None}
     try:
-        for name, value in given.items():
-            if value is not None:
-                setattr(out, keys.get(name, name), value)
-        out.push_to_hub = repo_id
+        out = OutputConfig.model_validate({**folder.config.output.model_dump(), **chosen, "push_to_hub": repo_id})
     except ValueError as err:  # pydantic's validation error names the key
         raise ConfigError(str(err)) from None
     return HubTarget.from_config(out, folder.split)

@@ -61,6 +61,11 @@ class Manifest:
             data["chunks"] = self.chunks
         return data
 
+    def finish(self, total_chunks: int) -> None:
+        """The input has ``total_chunks`` chunks: complete once each is done."""
+        self.chunks = total_chunks
+        self.complete = len(self.done) >= total_chunks
+
     def totals(self, chunks: Iterable[int] | None = None) -> RowCounts:
         """Counts over the done chunks (``chunks``: only those), from the manifest: no shard is read."""
         wanted = self.done if chunks is None else {i: self.done[i] for i in chunks if i in self.done}
@@ -204,8 +209,7 @@ class RunStore:
         return self.manifest.totals() if self.manifest else RowCounts()
 
     def finish(self, total_chunks: int) -> None:
-        self.manifest.complete = len(self.manifest.done) >= total_chunks
-        self.manifest.chunks = total_chunks
+        self.manifest.finish(total_chunks)
         self._save_manifest()
 
     def _save_manifest(self) -> None:

@@ -47,6 +47,9 @@ class Usage:
         self.requests += 1
         self.retries += retry
 
+    def count_reused(self, source: str) -> None:
+        self.reused[source] += 1
+
     def add_paid(self, input_tokens: int, output_tokens: int) -> None:
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens

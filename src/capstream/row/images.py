@@ -425,7 +425,7 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
         high = img.getextrema()[1]
         factor = 1.0 if high <= 255 else 1 / 256 if high <= 65535 else 255 / high
     gray = img.point(lambda v: v * factor).convert("L")
-    gray.info = {}  # a 16-bit transparency key means nothing after scaling
+    gray.info.clear()  # a 16-bit transparency key means nothing after scaling
     return gray
 
 

@@ -135,16 +135,11 @@ class RowCounts:
     @classmethod
     def total(cls, parts: Iterable["RowCounts"]) -> "RowCounts":
         """The sum of ``parts``; its cost is known when each part's is (None for none at all)."""
-        total, costs = cls(), []
-        for part in parts:
-            total.rows += part.rows
-            total.ok += part.ok
-            total.errors.update(part.errors)
-            total.input_tokens += part.input_tokens
-            total.output_tokens += part.output_tokens
-            costs.append(part.cost_usd)
-        total.cost_usd = round(sum(costs), 6) if costs and None not in costs else None
-        return total
+        parts = list(parts)
+        costs = [part.cost_usd for part in parts]
+        return cls(sum(p.rows for p in parts), sum(p.ok for p in parts), sum((p.errors for p in parts), Counter()),
+                   sum(p.input_tokens for p in parts), sum(p.output_tokens for p in parts),
+                   round(sum(costs), 6) if costs and None not in costs else None)
 
     def to_json(self) -> dict[str, Any]:
         data = {"rows": self.rows, "ok": self.ok, "errors": dict(self.errors),

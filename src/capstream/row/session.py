@@ -220,7 +220,7 @@ class CaptionSession:
                                                                         self.images.detail, ask.options),
                                           self.estimated_tokens(image, text, system, ask.max_tokens))
         if answer.source != "request":
-            self.usage.reused[answer.source] += 1
+            self.usage.count_reused(answer.source)
         if record is not None:
             record(prompt.name, answer)
         return answer
