@@ -11,7 +11,9 @@ these once, at the boundary where they are caught; the rest of the code only see
     │   └── HubError                a Hub call failed after retries (the local output is complete)
     ├── RowError                    belongs to one row: "<Kind>: <message>" in its error column
     │   ├── ImageError              the row's image is missing, unreadable, too large
-    │   └── InvalidAnswer           the answer is not JSON matching the prompt's schema
+    │   ├── InvalidAnswer           the answer is not JSON matching the prompt's schema
+    │   ├── TruncatedAnswer         the answer was cut at max_tokens (finish_reason "length")
+    │   └── FilteredAnswer          the provider withheld the answer (finish_reason "content_filter")
     ├── RequestFailed               one failed attempt, translated at the model-call boundary
     └── NotSent                     the session is stopping: this request was not sent (internal)
 
@@ -95,6 +97,28 @@ class InvalidAnswer(RowError):
         self.raw = raw
 
 
+class TruncatedAnswer(RowError):
+    """The answer was cut at ``max_tokens`` (``finish_reason: "length"``): asking the same again gives
+    the same cut, so it is an error row; a higher ``max_tokens`` and ``--retry-errors`` fix it."""
+
+    kind = "TruncatedAnswer"
+
+    def __init__(self, raw: str):
+        super().__init__('the answer was cut at max_tokens (finish_reason "length"); raise model.max_tokens '
+                         "(or the prompt's max_tokens) and rerun with --retry-errors")
+        self.raw = raw
+
+
+class FilteredAnswer(RowError):
+    """The provider withheld the answer (``finish_reason: "content_filter"``)."""
+
+    kind = "FilteredAnswer"
+
+    def __init__(self, raw: str):
+        super().__init__('the provider withheld the answer (finish_reason "content_filter")')
+        self.raw = raw
+
+
 class Failure(Enum):
     """What a failed request means for the run."""
 
@@ -136,4 +160,4 @@ class NotSent(CapstreamError):
 
 
 __all__ = ["CapstreamError", "ConfigError", "RunStopped", "Interrupted", "BudgetReached", "HubError", "RowError",
-           "ImageError", "InvalidAnswer", "Failure", "RequestFailed", "NotSent"]
+           "ImageError", "InvalidAnswer", "TruncatedAnswer", "FilteredAnswer", "Failure", "RequestFailed", "NotSent"]

@@ -146,3 +146,52 @@ def test_a_server_echoing_the_key_does_not_leak_it(server, tmp_path, monkeypatch
         if path.is_file():
             assert b"sk-echoed-key-999" not in path.read_bytes(), path
     assert "***" in load_out(tmp_path / "out")["error"][0]
+
+
+def test_a_cut_or_withheld_answer_is_an_error_row_of_its_own_kind(server, tmp_path):
+    """finish_reason "length" (cut at max_tokens) or "content_filter" (withheld) is never a caption:
+    each is an error row of its own kind, its raw text kept, counted in the summary and the card,
+    and it is not asked again (the same request gives the same cut)."""
+    import json
+
+    rows, _ = make_rows(12)
+    cut, withheld = {2, 5}, {7}
+    width_of = {64 + i: i for i in range(12)}
+    server.finish_reason = lambda info: ("length" if width_of.get(info.width) in cut else
+                                         "content_filter" if width_of.get(info.width) in withheld else None)
+    config = _config(server, tmp_path, rows)
+    result = run_cli("run", str(config))
+    assert result.returncode == 0, result.stderr
+    assert server.requests == 12  # not retried
+    ds = load_out(tmp_path / "out")
+    for i, row in enumerate(ds):
+        if i in cut:
+            assert row["caption"] is None and row["error"].startswith("TruncatedAnswer: the answer was cut at max_tokens")
+            assert row["error"].endswith(f"raw answer: {expected_caption(i)}") and "--retry-errors" in row["error"]
+        elif i in withheld:
+            assert row["caption"] is None and row["error"].startswith("FilteredAnswer: the provider withheld")
+        else:
+            assert row["error"] is None and row["caption"] == expected_caption(i)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["errors"] == {"TruncatedAnswer": 2, "FilteredAnswer": 1} and summary["ok"] == 9
+    assert "FilteredAnswer: 1, TruncatedAnswer: 2" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_the_results_log_keeps_how_each_answer_was_bought(server, tmp_path):
+    """Each logged answer carries the model that answered, its finish_reason, the last attempt's
+    latency, the attempts it took and when it came; a rerun re-uses them as they were."""
+    import json
+
+    rows, broken = make_rows(20, broken_every=10)
+    server.p500 = 0.3
+    config = _config(server, tmp_path, rows, retry={"max_attempts": 8, "max_wait_s": 0.05})
+    started = time.time()
+    assert run_cli("run", str(config)).returncode == 0
+    lines = [json.loads(line) for line in (tmp_path / "out" / ".capstream" / "results.jsonl").read_text().splitlines()]
+    bought = [r for r in lines if r["e"] is None]
+    assert len(bought) == 20 - len(broken)
+    assert all(r["m"] == "fake-vlm" and r["f"] == "stop" and r["ms"] >= 0 and started <= r["t"] <= time.time()
+               for r in bought)
+    assert sum(r["n"] for r in bought) == server.requests and max(r["n"] for r in bought) > 1  # retried ones
+    assert all("m" not in r for r in lines if r["e"] is not None)  # an unusable image bought nothing
+    check_output(tmp_path / "out", rows, broken)

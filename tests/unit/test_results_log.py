@@ -7,6 +7,7 @@ import json
 from capstream.io.layout import OutputLayout
 from capstream.io.results_log import LogRecord, ResultsLog, records
 from capstream.io.store import RunStore
+from capstream.row.results import PromptAnswer
 
 
 def test_a_half_written_last_line_is_cut_and_earlier_answers_kept(tmp_path):
@@ -63,3 +64,19 @@ def test_sealed_log_segments_are_not_read_once_their_chunks_are_done(tmp_path, m
     needed = next(p for p, s in summaries.items() if set(s["chunks"]) & {3, 4, 5})
     (state / (needed.name + ".summary.json")).unlink()
     assert resume({0, 1, 2}) == (expected, (180, 36))
+
+
+def test_a_record_keeps_its_provenance_and_old_lines_still_read():
+    import json
+
+    from capstream.row.results import Provenance
+
+    answer = PromptAnswer("a cat", None, 120, 4, provenance=Provenance("m1", "stop", 840, 2, 1764600000.5))
+    line = LogRecord.of(3, "k", "caption", answer).to_line()
+    assert json.loads(line) == {"i": 3, "k": "k", "p": "caption", "v": "a cat", "e": None, "ti": 120, "to": 4,
+                                "m": "m1", "f": "stop", "ms": 840, "n": 2, "t": 1764600000.5}
+    again = LogRecord.from_json(json.loads(line)).answer()
+    assert again.provenance == answer.provenance and again.source == "log" and again.value == "a cat"
+    # A line of a log written before provenance was kept: the answer reads, without provenance.
+    old = LogRecord.from_json({"i": 0, "k": 1, "p": "caption", "v": "x", "e": None, "ti": 5, "to": 1})
+    assert old.answer().provenance is None and old.to_line().count(b":") == 7

@@ -24,10 +24,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import RunStopped
-from ..row.results import PromptAnswer
+from ..row.results import PromptAnswer, Provenance
 from .files import atomic_write_json
 
 SEGMENT_SUFFIX = ".summary.json"  # next to a sealed segment: its chunks and paid tokens
+
+
+# How an answer was bought (row.results.Provenance), under its keys in a log line. Logs written
+# before capstream recorded it have none of them: their answers have no provenance.
+_PROVENANCE_KEYS = {"model": "m", "finish_reason": "f", "latency_ms": "ms", "attempts": "n", "answered_at": "t"}
 
 
 @dataclass(frozen=True)
@@ -41,22 +46,33 @@ class LogRecord:
     error: str | None
     input_tokens: int = 0
     output_tokens: int = 0
+    provenance: Provenance | None = None
 
     @classmethod
     def of(cls, chunk: int, key: Any, prompt: str, answer: PromptAnswer) -> "LogRecord":
-        return cls(chunk, key, prompt, answer.value, answer.error, answer.input_tokens, answer.output_tokens)
+        return cls(chunk, key, prompt, answer.value, answer.error, answer.input_tokens, answer.output_tokens,
+                   answer.provenance)
 
     def to_line(self) -> bytes:
-        return (json.dumps({"i": self.chunk, "k": self.key, "p": self.prompt, "v": self.value, "e": self.error,
-                            "ti": self.input_tokens, "to": self.output_tokens}, ensure_ascii=False) + "\n").encode()
+        data = {"i": self.chunk, "k": self.key, "p": self.prompt, "v": self.value, "e": self.error,
+                "ti": self.input_tokens, "to": self.output_tokens}
+        if self.provenance is not None:
+            data.update({key: getattr(self.provenance, name) for name, key in _PROVENANCE_KEYS.items()
+                         if getattr(self.provenance, name) is not None})
+        return (json.dumps(data, ensure_ascii=False) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LogRecord":
-        return cls(data["i"], data["k"], data["p"], data.get("v"), data.get("e"), data.get("ti") or 0, data.get("to") or 0)
+        provenance = None
+        if any(key in data for key in _PROVENANCE_KEYS.values()):
+            provenance = Provenance(**{name: data.get(key) for name, key in _PROVENANCE_KEYS.items()})
+        return cls(data["i"], data["k"], data["p"], data.get("v"), data.get("e"), data.get("ti") or 0,
+                   data.get("to") or 0, provenance)
 
     def answer(self) -> PromptAnswer:
         """The answer, as re-used by a later run."""
-        return PromptAnswer(self.value, self.error, self.input_tokens, self.output_tokens, source="log")
+        return PromptAnswer(self.value, self.error, self.input_tokens, self.output_tokens, source="log",
+                            provenance=self.provenance)
 
 
 @dataclass

@@ -40,12 +40,20 @@ class ImageRequest:
     options: dict[str, Any] = field(default_factory=dict)  # per-request model parameters (response_format, ...)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Answer:
+    """One attempt's answer, and what the server said of it (``finish_reason``: "stop", "length",
+    "content_filter"...; ``model``: the model that answered). ``Sender`` adds how long the attempt
+    took and how many attempts the request needed."""
+
     text: str
     input_tokens: int = 0
     output_tokens: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+    finish_reason: str | None = None
+    model: str | None = None
+    latency_ms: int | None = None
+    attempts: int = 1
 
 
 def _rate_headers(headers: Any) -> dict[str, str]:
@@ -88,9 +96,10 @@ class ModelCall:
         except Exception as exc:
             raise translate(exc) from None
         usage = getattr(message, "usage_metadata", None) or {}
-        headers = (getattr(message, "response_metadata", None) or {}).get("headers")
+        metadata = getattr(message, "response_metadata", None) or {}
         return Answer(answer_text(message), int(usage.get("input_tokens") or 0),
-                      int(usage.get("output_tokens") or 0), _rate_headers(headers))
+                      int(usage.get("output_tokens") or 0), _rate_headers(metadata.get("headers")),
+                      metadata.get("finish_reason"), metadata.get("model_name") or metadata.get("model"))
 
     async def aclose(self) -> None:
         if self._http is not None:

@@ -18,6 +18,8 @@ attempt and every token paid is counted in ``usage``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -135,7 +137,9 @@ class Sender:
                     if self.stopping.is_set():
                         raise NotSent()
                     self.before_send()
-                    self.usage.count_attempt(retry=attempt.retry_state.attempt_number > 1)
+                    number = attempt.retry_state.attempt_number
+                    self.usage.count_attempt(retry=number > 1)
+                    started = time.monotonic()
                     try:
                         answer = await self.call(request)
                     except RequestFailed as failed:
@@ -144,7 +148,8 @@ class Sender:
                     self.limits.observe(answer.headers, rate_limited=False)
                     # Counted now, before the slot is free: the budget check of the next request sees it.
                     self.usage.add_paid(answer.input_tokens, answer.output_tokens)
-                    return answer
+                    return dataclasses.replace(answer, latency_ms=round((time.monotonic() - started) * 1000),
+                                               attempts=number)
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def aclose(self) -> None:

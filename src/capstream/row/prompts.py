@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from ..errors import ConfigError, InvalidAnswer
+from ..errors import ConfigError, FilteredAnswer, InvalidAnswer, TruncatedAnswer
 
 # "{name}" is a placeholder; "{{" and "}}" are literal braces; any other brace is literal text, so
 # JSON examples in a prompt need no escaping.
@@ -245,6 +245,16 @@ class Prompt:
 
     def parse(self, text: str) -> Any:
         return self.schema.parse(text) if self.schema is not None else text
+
+    def read(self, text: str, finish_reason: str | None) -> Any:
+        """The answer's value, read the same way whichever backend bought it: ``TruncatedAnswer``
+        when the server cut it at max_tokens, ``FilteredAnswer`` when it withheld it,
+        ``InvalidAnswer`` when it does not match the schema."""
+        if finish_reason == "length":
+            raise TruncatedAnswer(text)
+        if finish_reason == "content_filter":
+            raise FilteredAnswer(text)
+        return self.parse(text)
 
     def columns(self) -> dict[str, Any]:
         """Output column -> datasets feature."""

@@ -23,17 +23,32 @@ from .prompts import Prompt, combined_error
 @dataclass
 class PromptAnswer:
     """One prompt's outcome for one row: a value (text, or the schema's fields as a dict) or an
-    error (``"<Kind>: <message>"``), the tokens paid for it, and where it came from."""
+    error (``"<Kind>: <message>"``), the tokens paid for it, and where it came from.
+
+    An answer bought from the model also says how (``Provenance``); one from the cache cannot."""
 
     value: Any = None
     error: str | None = None
     input_tokens: int = 0
     output_tokens: int = 0
     source: str = "request"  # request | log (an earlier run into this output.dir) | dedup | cache
+    provenance: "Provenance | None" = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How an answer was bought: the model that answered, why it stopped (``finish_reason``), how
+    long the last attempt took, how many attempts it took, and when (unix seconds) it arrived."""
+
+    model: str | None = None
+    finish_reason: str | None = None
+    latency_ms: int | None = None
+    attempts: int | None = None
+    answered_at: float | None = None
 
 
 @dataclass

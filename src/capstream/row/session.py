@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..cost.pricing import image_rule, sent_size
-from ..errors import InvalidAnswer, NotSent, RequestFailed, RowError
-from ..model.call import ImageRequest
+from ..errors import FilteredAnswer, InvalidAnswer, NotSent, RequestFailed, RowError, TruncatedAnswer
+from ..model.call import Answer, ImageRequest
 from ..model.limits import RateLimits
 from ..model.retry import invalid_answer_retrying
 from ..model.sending import Limits, Sender, Usage, describe_refusal, open_model_call
 from .cache import RecentAnswers, ResponseCache, content_key
 from .images import PreparedImage, load_image_bytes, prepare_image
 from .prompts import Prompt
-from .results import PromptAnswer, RowResult, row_result
+from .results import PromptAnswer, Provenance, RowResult, row_result
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -212,7 +213,7 @@ class CaptionSession:
         key = content_key({**ask.identity, "text": text, "system": system}, digest)
         if key in self._in_flight:
             answer = await asyncio.shield(self._in_flight[key])
-            answer = PromptAnswer(answer.value, answer.error, source="dedup")
+            answer = PromptAnswer(answer.value, answer.error, source="dedup", provenance=answer.provenance)
         elif (value := self.bought.get(key)) is not None:
             answer = PromptAnswer(value, source="cache")
         else:
@@ -247,28 +248,29 @@ class CaptionSession:
     async def _ask(self, prompt: Prompt, request: ImageRequest, tokens: int) -> PromptAnswer:
         """Send, and ask again while the answer does not match the prompt's schema."""
         paid = [0, 0]
+        last: list[Answer] = []
 
-        async def send_and_parse() -> Any:
+        async def send_and_read() -> Any:
             answer = await self.sender.send(request, tokens)
             paid[0] += answer.input_tokens
             paid[1] += answer.output_tokens
-            return prompt.parse(answer.text)
+            last[:] = [answer]
+            return prompt.read(answer.text, answer.finish_reason)
 
         try:
             if prompt.schema is None:  # free text is never rejected: no second (tenacity) loop per request
-                value = await send_and_parse()
+                value = await send_and_read()
             else:
                 async for attempt in invalid_answer_retrying(max_attempts=self.invalid_answer_attempts):
                     with attempt:
-                        value = await send_and_parse()
-        except InvalidAnswer as bad:
-            raw = bad.raw if len(bad.raw) <= 2000 else bad.raw[:2000] + "..."
-            return PromptAnswer(error=self.sender.refusal.scrub(f"InvalidAnswer: {bad.reason}; raw answer: {raw}"),
-                                input_tokens=paid[0], output_tokens=paid[1])
+                        value = await send_and_read()
+        except (InvalidAnswer, TruncatedAnswer, FilteredAnswer) as bad:  # an answer, not a usable one
+            return PromptAnswer(error=self.sender.refusal.scrub(answer_error(bad)), input_tokens=paid[0],
+                                output_tokens=paid[1], provenance=provenance(last[0]))
         except RequestFailed as failed:  # this row's request was refused (Sender raised the rest)
             return PromptAnswer(error=self.sender.refusal.scrub(failed.as_row_error()),
                                 input_tokens=paid[0], output_tokens=paid[1])
-        return PromptAnswer(value, None, paid[0], paid[1])
+        return PromptAnswer(value, None, paid[0], paid[1], provenance=provenance(last[0]))
 
     async def aclose(self) -> None:
         """Close the model call (HTTP client, worker processes) and the cache; call on the session's loop."""
@@ -276,4 +278,16 @@ class CaptionSession:
         self.bought.close()
 
 
-__all__ = ["SessionSpec", "CaptionSession", "ImagePreparer", "PromptAsk", "RecordAnswer"]
+def answer_error(bad: InvalidAnswer | TruncatedAnswer | FilteredAnswer) -> str:
+    """The error column's text for an answer that came but cannot be used, its raw text kept."""
+    raw = bad.raw if len(bad.raw) <= 2000 else bad.raw[:2000] + "..."
+    reason = bad.reason if isinstance(bad, InvalidAnswer) else bad.message
+    return f"{bad.kind}: {reason}; raw answer: {raw}"
+
+
+def provenance(answer: Answer) -> Provenance:
+    """How ``answer`` was bought, as the results log and the output's metadata keep it."""
+    return Provenance(answer.model, answer.finish_reason, answer.latency_ms, answer.attempts, time.time())
+
+
+__all__ = ["SessionSpec", "CaptionSession", "ImagePreparer", "PromptAsk", "RecordAnswer", "answer_error", "provenance"]

@@ -133,6 +133,8 @@ class FakeOpenAI(LoopbackServer):
     ``phang``        probability of never answering (until stop() or ``hang_s``)
     ``status_for``   callable ``(RequestInfo) -> int | None`` forcing a status
     ``reply``        callable ``(RequestInfo) -> str`` replacing the answer
+    ``finish_reason`` callable ``(RequestInfo) -> str | None`` replacing ``"stop"``
+                     (``"length"``: the answer is cut; ``"content_filter"``: withheld)
     ``api_key``      when set, other ``Authorization: Bearer`` keys get 401
     ``rpm_limit``    sliding 60 s request limit (429 over it, x-ratelimit-* headers)
 
@@ -153,6 +155,7 @@ class FakeOpenAI(LoopbackServer):
         phang: float = 0.0,
         seed: int | None = 0,
         reply: Callable[[RequestInfo], str] | None = None,
+        finish_reason: Callable[[RequestInfo], str | None] | None = None,
         status_for: Callable[[RequestInfo], int | None] | None = None,
         api_key: str | None = None,
         rpm_limit: int | None = None,
@@ -166,6 +169,7 @@ class FakeOpenAI(LoopbackServer):
         self.latency = latency
         self.p429, self.p500, self.pdrop, self.phang = p429, p500, pdrop, phang
         self.reply = reply
+        self.finish_reason = finish_reason
         self.status_for = status_for
         self.api_key = api_key
         self.rpm_limit = rpm_limit
@@ -301,6 +305,7 @@ class FakeOpenAI(LoopbackServer):
                                code="invalid_image", headers=rl_headers)
 
         answer = (self.reply or _default_reply)(info)
+        finish = (self.finish_reason(info) if self.finish_reason else None) or "stop"
         prompt_tokens = sum(len(t) // 4 + 4 for t in self._message_texts(messages))
         prompt_tokens += sum(image_tokens(w, h, d) for w, h, d in images)
         completion_tokens = len(answer.split())
@@ -316,15 +321,15 @@ class FakeOpenAI(LoopbackServer):
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
             return await self._stream(request, rid, created, info.model, answer, usage,
-                                      body, rl_headers)
+                                      body, rl_headers, finish)
         return web.json_response({
             "id": rid, "object": "chat.completion", "created": created, "model": info.model,
-            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
                          "message": {"role": "assistant", "content": answer}}],
             "usage": usage,
         }, headers=rl_headers)
 
-    async def _stream(self, request, rid, created, model, answer, usage, body, headers):
+    async def _stream(self, request, rid, created, model, answer, usage, body, headers, finish="stop"):
         """Minimal SSE answer for ``stream=True`` (one content chunk)."""
         resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -332,7 +337,7 @@ class FakeOpenAI(LoopbackServer):
         chunks = [
             {**base, "choices": [{"index": 0, "finish_reason": None,
                                   "delta": {"role": "assistant", "content": answer}}]},
-            {**base, "choices": [{"index": 0, "finish_reason": "stop", "delta": {}}]},
+            {**base, "choices": [{"index": 0, "finish_reason": finish, "delta": {}}]},
         ]
         if (body.get("stream_options") or {}).get("include_usage"):
             chunks.append({**base, "choices": [], "usage": usage})
