@@ -6,6 +6,7 @@ import time
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from capstream.config import DatasetConfig
 from capstream.io.source import open_source
@@ -37,14 +38,21 @@ def test_streamed_rows_match_datasets_own_reader(tmp_path):
     assert [r["id"] for r in source.data.skip(45).take(3)] == [45, 46, 47]
 
 
-def test_a_slow_consumer_does_not_make_arrow_read_ahead(tmp_path):
+@pytest.mark.parametrize("named_by", ["parquet builder", "folder of files"])
+def test_a_slow_consumer_does_not_make_arrow_read_ahead(tmp_path, named_by):
     # datasets' own reader (Fragment.to_batches) reads ahead about a third of the file in pyarrow's
-    # threads while the consumer waits; a row group at a time holds one group (2 MB here).
-    path = _file(tmp_path / "b.parquet", rows=600, group=20)  # 60 MB, 30 row groups
-    chunks = open_source(_config(path)).chunks(20)
+    # threads while the consumer waits; a row group at a time holds one group (2 MB here). A folder
+    # (or a Hub repo) of parquet files is read by the same builder, found by datasets itself.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for part in range(2):
+        _file(folder / f"part-{part}.parquet", rows=300, group=20)  # 2 x 30 MB, 15 row groups each
+    config = (DatasetConfig(path="parquet", data_files=str(folder / "*.parquet"), streaming=True, image_column="blob")
+              if named_by == "parquet builder" else DatasetConfig(path=str(folder), streaming=True, image_column="blob"))
+    chunks = open_source(config).chunks(20)
     peak = 0
     for index, chunk in enumerate(chunks):
-        if index < 3:
+        if index in (0, 1, 2, 15, 16):
             time.sleep(0.5)  # a consumer slower than the disk: time for a read-ahead to happen
         peak = max(peak, pa.total_allocated_bytes())
     assert index == 29

@@ -140,6 +140,7 @@ def _load(cfg: DatasetConfig):
             builder = datasets.load_dataset_builder(cfg.path, **kwargs)
             if hasattr(builder.config, "decode_num_threads"):
                 builder.config.decode_num_threads = 0
+            read_row_groups_one_at_a_time(builder)  # a folder or Hub repo of parquet files: one row group at a time
             return builder.as_streaming_dataset(split=split)
         return datasets.load_dataset(cfg.path, **kwargs)
     except FileNotFoundError as err:
