@@ -90,6 +90,26 @@ class ImageConfig(_Section):
         "Input tokens one image may count: each image is sent at the largest size (aspect ratio kept, never "
         "enlarged, never above `max_side`) that counts at most this many under the model's image rule at `detail`. "
         "A budget no image can meet stops with exit 2."))
+    # Images named by URL (row/downloads.py): downloaded on the event loop, ahead of the requests.
+    download_concurrency: int = Field(default=64, ge=1, description=(
+        "Image URLs downloaded at once; their downloads start ahead of the requests, so an image is ready when a "
+        "request slot frees."))
+    download_per_host: int = Field(default=16, ge=1, description=(
+        "Image URLs downloaded at once from one host (connections to it are reused)."))
+    download_attempts: int = Field(default=3, ge=1, description=(
+        "Attempts per image URL for 408, 429, 5xx, timeouts and dropped connections (jittered backoff, "
+        "`Retry-After` honoured up to 10 s); a 404, 403, 410, a body that is not an image or is too large fails "
+        "at once. A URL still failing is an error row (`ImageError`, with the status and the URL)."))
+    download_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one download attempt, in seconds.")
+    allow_private_urls: bool = Field(default=False, description=(
+        "Fetch image URLs whose host is a loopback, private, link-local (the cloud metadata address included), "
+        "multicast, reserved or unspecified address; by default they are refused without connecting (an error "
+        "row: `ImageError: refused ...`), on the resolved address and again on every redirect."))
+    respect_opt_outs: bool = Field(default=True, description=(
+        "Honour `X-Robots-Tag: noai`, `noimageai` and `noml` on an image URL's response: the row becomes an "
+        "error saying it opted out and the image is never sent to the model."))
+    user_agent: str | None = Field(default=None, description=(
+        "The `User-Agent` of image downloads (null: `capstream/<version>`)."))
 
 
 class LimitsConfig(_Section):
@@ -166,6 +186,13 @@ class OutputConfig(_Section):
     push_every: int | str | None = Field(default=None, description=(
         "Push while the run goes on, every N finished shards (`10`) or every period (`30s`, `10m`, `1h`); "
         "null: push once, at the end."))
+    embed_images: bool = Field(default=False, description=(
+        "Write the bytes of the images downloaded from URLs into the shards, so the output loads and displays "
+        "without the original hosts: a datasets `Image` column (`embedded_image_column`) beside a column of URL "
+        "strings, or the bytes in place in an `Image` column whose paths are URLs. A row whose image is unusable "
+        "gets none."))
+    embedded_image_column: str = Field(default="image", description=(
+        "With `embed_images`, the name of the `Image` column added beside a column of URL strings."))
     hub_timeout_s: float = Field(default=30.0, gt=0, description=(
         "Timeout of every Hub request in seconds (the longest wait for the next byte, not a cap on an upload), "
         "reading the dataset included."))
@@ -254,6 +281,8 @@ class Config(_Section):
                 found.update({f"{section}.{k}": v for k, v in data[section].items()})
             else:
                 found[key] = data[section]
+        if self.output.embed_images:  # adds a column to the shards; recorded only when on, so older folders resume
+            found["output.embed_images"] = self.output.embedded_image_column
         return found
 
     def redacted(self) -> dict[str, Any]:

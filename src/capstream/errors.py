@@ -15,6 +15,7 @@ these once, at the boundary where they are caught; the rest of the code only see
     │   ├── TruncatedAnswer         the answer was cut at max_tokens (finish_reason "length")
     │   └── FilteredAnswer          the provider withheld the answer (finish_reason "content_filter")
     ├── RequestFailed               one failed attempt, translated at the model-call boundary
+    ├── RefusedAddress              an image URL's host is not a public address (an OSError, for aiohttp)
     └── NotSent                     the session is stopping: this request was not sent (internal)
 
 ``RowError`` and its subclasses are *data*: the run goes on. A ``RunStopped`` carries the run's
@@ -155,9 +156,21 @@ class RequestFailed(CapstreamError):
         return f"ModelError: {self.message}"
 
 
+class RefusedAddress(CapstreamError, OSError):
+    """An image URL's host resolves to no public address (loopback, private, link-local, ...): not
+    connected to. An ``OSError`` so that aiohttp carries it out of its resolver as the cause of its
+    connection error (``row/downloads.py`` turns it into the row's ``ImageError: refused ...``)."""
+
+    def __init__(self, host: str, addresses: list[str]):
+        super().__init__(f"{host} resolves to {', '.join(addresses) or 'no address'}")
+        self.host = host
+        self.addresses = addresses
+
+
 class NotSent(CapstreamError):
     """The session is stopping: this row's request was not sent (the row stays to do)."""
 
 
 __all__ = ["CapstreamError", "ConfigError", "RunStopped", "Interrupted", "BudgetReached", "HubError", "RowError",
-           "ImageError", "InvalidAnswer", "TruncatedAnswer", "FilteredAnswer", "Failure", "RequestFailed", "NotSent"]
+           "ImageError", "InvalidAnswer", "TruncatedAnswer", "FilteredAnswer", "Failure", "RequestFailed", "RefusedAddress",
+           "NotSent"]

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import struct
-import threading
-import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from PIL import Image
 
 from capstream.cost.pricing import image_size_after_prep, openai_image_tokens
 from capstream.errors import ImageError
-from capstream.row.images import PreparedImage, load_image_bytes, prepare_image
+from capstream.row.images import KeptFiles, PreparedImage, load_image_bytes, prepare_image, url_of
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -131,73 +127,21 @@ def test_data_url_round_trips():
 # --------------------------------------------------------------------------------- URL case
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path == "/img.jpg":
-            self._send(JPEG)
-        elif self.path.startswith("/big"):
-            self._send(b"\xff" * 300_000, length=self.path == "/big")
-        elif self.path == "/slow":
-            time.sleep(1.0)
-            self._send(JPEG)
-        else:
-            self.send_error(404)
-
-    def _send(self, body: bytes, length: bool = True):
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        if length:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        try:
-            self.wfile.write(body)
-        except OSError:  # the client stopped reading: that is the point of the test
-            pass
-
-    def log_message(self, *args):
-        pass
+def test_urls_are_named_but_not_read_here():
+    # row/downloads.py downloads them, on the event loop, with its safety rules (tests/unit/test_downloads.py).
+    assert url_of("https://cdn.test/a.jpg") == "https://cdn.test/a.jpg"
+    assert url_of({"bytes": None, "path": "HTTP://cdn.test/a.jpg"}) == "HTTP://cdn.test/a.jpg"
+    assert url_of({"bytes": JPEG, "path": "https://cdn.test/a.jpg"}) is None  # the bytes are at hand
+    assert url_of("images/a.jpg") is None and url_of(JPEG) is None and url_of(None) is None
+    with pytest.raises(ValueError, match="downloaded by"):
+        load_image_bytes("http://127.0.0.1:9/a.jpg")
 
 
-@pytest.fixture(scope="module")
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.handle_error = lambda *args: None
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def test_url_downloads_and_passes_through(server):
-    assert load_image_bytes(f"{server}/img.jpg") == JPEG
-    prepared = prepare_image(f"{server}/img.jpg")
-    assert prepared.data == JPEG and prepared.reencoded is False
-    assert prepare_image({"bytes": None, "path": f"{server}/img.jpg"}).data == JPEG
-
-
-def test_url_404_names_status_and_hides_query(server):
-    with pytest.raises(ImageError, match=r"^download failed: HTTP 404 for http://.*/nope$"):
-        load_image_bytes(f"{server}/nope?token=secret")
-
-
-@pytest.mark.parametrize("route", ["/big", "/big-no-length"])
-def test_url_body_over_max_bytes_is_refused(server, route):
-    with pytest.raises(ImageError, match="download too large"):
-        load_image_bytes(f"{server}{route}", max_bytes=100_000)
-
-
-def test_url_timeout(server):
-    with pytest.raises(ImageError, match="download failed: timed out"):
-        load_image_bytes(f"{server}/slow", url_timeout_s=0.2)
-
-
-def test_url_connection_refused():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(ImageError, match="^download failed: "):
-        load_image_bytes(f"http://127.0.0.1:{port}/x.jpg", url_timeout_s=2)
+def test_kept_files_are_taken_once_per_put():
+    kept = KeptFiles()
+    kept.put("a", b"1")
+    kept.put("a", b"1")
+    assert kept.pop("a") == b"1" and kept.pop("a") == b"1" and kept.pop("a") is None and len(kept) == 0
 
 
 # ------------------------------------------------------------------------------ pass-through

@@ -6,8 +6,9 @@
 * The reader pulls chunks from the source in a worker thread, one ahead of the feeder.
 * The feeder hands each chunk to the run core (which re-uses logged answers) and starts one task
   per row left to ask, never more than ``2 * max_concurrency`` at once (so images are prepared
-  while earlier requests run), and never more than ``run.window_chunks`` unfinished chunks: memory
-  is bounded by the window, not the dataset. ``run.workers`` > 1 adds worker processes that send
+  while earlier requests run; ``image.download_concurrency`` more for rows whose image is a URL, so
+  that downloads run ahead: ``row/downloads.RowSlots``), and never more than ``run.window_chunks``
+  unfinished chunks: memory is bounded by the window, not the dataset. ``run.workers`` > 1 adds worker processes that send
   requests for this loop (``model/processes.py``); limits and retries stay here.
 * Each answer is appended to the results log the moment it arrives, before the row counts as done;
   a complete chunk's shard is written in a worker thread while later chunks go on. Chunks finish
@@ -75,22 +76,22 @@ class LocalBackend:
         self._stop_on_loop = (asyncio.get_running_loop(), stopping)
         with _stop_on_signals(stopping) if self.handle_signals else contextlib.nullcontext():
             session = self.spec.open(prep_pool=pool, llm=self.llm, usage=core.usage, stopping=stopping,
-                                     before_send=core.budget, base_dir=self.source.base_dir, keep_files=True)
+                                     before_send=core.budget, base_dir=self.source.base_dir, keep_files=True,
+                                     keep_downloads=core.embeds_downloads)
             pipeline = _Pipeline(core, session, self.source.chunks(self.chunk_size, skip=core.skip),
-                                 window_chunks=self.window_chunks, row_slots=2 * self.spec.limits.max_concurrency)
+                                 window_chunks=self.window_chunks)
             await pipeline.run()
 
 
 class _Pipeline:
     """One pass of chunks through a session. Use once: ``await _Pipeline(...).run()``."""
 
-    def __init__(self, core: RunCore, session: CaptionSession, chunks: Iterator, *, window_chunks: int, row_slots: int):
+    def __init__(self, core: RunCore, session: CaptionSession, chunks: Iterator, *, window_chunks: int):
         self.core = core
         self.session = session
         self.chunks = chunks
         self.stopping = session.stopping
         self.window = asyncio.Semaphore(window_chunks)
-        self.row_slots = asyncio.Semaphore(row_slots)
         self.failure: RunStopped | None = None
         self._row_tasks: set[asyncio.Task] = set()
         self._chunk_tasks: set[asyncio.Task] = set()
@@ -142,9 +143,10 @@ class _Pipeline:
             if work.complete:  # every row's answers were logged
                 self._start_write(work)
             for item in work.todo:
-                if not await self._acquire_unless_stopped(self.row_slots):
+                row_slots = self.session.row_slots.for_image(item.image)
+                if not await self._acquire_unless_stopped(row_slots):
                     return
-                task = asyncio.create_task(self._row(work, item))
+                task = asyncio.create_task(self._row(work, item, row_slots))
                 self._row_tasks.add(task)
                 task.add_done_callback(self._row_tasks.discard)
 
@@ -167,7 +169,7 @@ class _Pipeline:
             return False
         return True
 
-    async def _row(self, work: ChunkWork, item: RowToDo) -> None:
+    async def _row(self, work: ChunkWork, item: RowToDo, row_slots: asyncio.Semaphore) -> None:
         try:
             result = await self.session.caption(item.image, item.row, known=item.known,
                                                 record=self.core.answer_log(work, item.key))
@@ -180,7 +182,7 @@ class _Pipeline:
             self._fail(RunStopped(f"internal error: {type(err).__name__}: {err}"))
             return
         finally:
-            self.row_slots.release()
+            row_slots.release()
         if self.core.row_done(work, item.offset, result):
             self._start_write(work)
 

@@ -38,6 +38,7 @@ from ..io.results_log import LogRecord
 from ..io.source import Chunk, open_source
 from ..io.store import RunStore
 from ..model.sending import Usage
+from ..row.images import KeptFiles, url_of
 from ..row.session import SessionSpec
 from .broker import BlockLimits, LimitBroker
 
@@ -55,6 +56,7 @@ class ChunkAnswer:
 
     results: list["RowResult | None"]
     failure: RunStopped | None = None
+    downloads: KeptFiles | None = None  # with output.embed_images: the images downloaded for these rows
 
 
 class CaptionActor:
@@ -64,7 +66,7 @@ class CaptionActor:
     """
 
     def __init__(self, spec: SessionSpec, out_dir: str, split: str, name: str, broker: Any, base_dir: str | None,
-                 prep_threads: int, secret: str | None):
+                 prep_threads: int, secret: str | None, keep_downloads: bool = False):
         if secret and spec.model.api_key_env:
             os.environ.setdefault(spec.model.api_key_env, secret)  # this actor's own process
         self.spec = spec
@@ -72,7 +74,7 @@ class CaptionActor:
         self.broker = broker
         self.base_dir = base_dir
         self.pool = ThreadPoolExecutor(prep_threads, thread_name_prefix="capstream-prep")
-        self.row_slots = asyncio.Semaphore(2 * spec.limits.max_concurrency)  # images prepared ahead of requests
+        self.keep_downloads = keep_downloads
         self.usage = Usage()
         self.limits = BlockLimits(broker.grant.remote, broker.observe_many.remote, usage=self.usage)
         self.session = None  # opened on the actor's event loop, at the first chunk
@@ -81,20 +83,32 @@ class CaptionActor:
     def _session(self):
         if self.session is None:
             self.session = self.spec.open(prep_pool=self.pool, usage=self.usage, limits=self.limits,
-                                          base_dir=self.base_dir)
+                                          base_dir=self.base_dir, keep_downloads=self.keep_downloads)
         return self.session
 
     async def caption_chunk(self, chunk_index: int, rows: list[RowToDo]) -> ChunkAnswer:
         """Caption the rows of one chunk, each answer logged as it arrives."""
         session = self._session()
         results = await asyncio.gather(*(self._row(session, chunk_index, row) for row in rows))
-        return ChunkAnswer(list(results), self.failure)
+        return ChunkAnswer(list(results), self.failure, self._downloads_of(session, rows))
+
+    def _downloads_of(self, session, rows: list[RowToDo]) -> KeptFiles | None:
+        """The images downloaded for ``rows``, for the driver's shard (the session forgets them)."""
+        if not self.keep_downloads:
+            return None
+        found = KeptFiles()
+        for item in rows:
+            url = url_of(item.image)
+            data = session.images.files_read.pop(url) if url is not None else None
+            if data is not None:
+                found.put(url, data)
+        return found
 
     async def _row(self, session, chunk_index: int, item: RowToDo) -> "RowResult | None":
         def record(prompt: str, answer) -> None:
             self.store.log_answer(LogRecord.of(chunk_index, item.key, prompt, answer))
 
-        async with self.row_slots:
+        async with session.row_slots.for_image(item.image):  # images prepared (downloaded) ahead of requests
             if session.stopping.is_set():
                 return None
             try:
@@ -223,7 +237,8 @@ class RayBackend:
             secret = os.environ.get(model.api_key_env) if model.api_key_env else None
             actor = ray.remote(CaptionActor).options(num_cpus=ACTOR_CPUS, max_concurrency=1000)
             actors = [actor.remote(self.spec, str(core.store.dir), core.store.split, f"ray-{i}", broker,
-                                   self.source.base_dir, self.prep_threads, secret) for i in range(self.workers)]
+                                   self.source.base_dir, self.prep_threads, secret, core.embeds_downloads)
+                      for i in range(self.workers)]
             driver = _Driver(core, actors, self.window_chunks, on_first_send=self._first_sent)
             return driver.run(self.source.dataset(), self.chunk_size)
         finally:
@@ -325,7 +340,7 @@ class _Driver:
                     self._count_paid(result)
                     self.core.row_done(work, item.offset, result)
             if work.complete:
-                self._write(work)
+                self._write(work, answer.downloads)
 
     def _count_paid(self, result: "RowResult") -> None:
         """What an actor's answers cost this run (requests are counted when the actors close)."""
@@ -335,9 +350,9 @@ class _Driver:
             elif answer.source in ("cache", "dedup"):
                 self.core.usage.count_reused(answer.source)
 
-    def _write(self, work: ChunkWork) -> None:
+    def _write(self, work: ChunkWork, downloads: KeptFiles | None = None) -> None:
         try:
-            self.core.write_shard(work)
+            self.core.write_shard(work, downloads)
             self.core.shard_written(work)
         except RunStopped as err:
             self._fail(err)

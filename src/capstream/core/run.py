@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from ..cost.meter import BudgetGuard, CostMeter, Prices
-from ..errors import HubError, Interrupted, RunStopped
+from ..errors import ConfigError, HubError, Interrupted, RunStopped
 from ..io.card import write_card
 from ..io.hub import HubExporter
 from ..io.results_log import LogRecord
@@ -35,8 +35,10 @@ from ..io.source import Chunk
 from ..io.store import RunStore
 from ..io.summary import HubReport, RunSummary
 from ..model.sending import Usage
+from ..row.downloads import embedded_images
+from ..row.images import KeptFiles
 from ..row.prompts import Prompt, check_placeholders
-from ..row.results import PromptAnswer, RowCounts, RowResult, output_columns, output_features, row_result
+from ..row.results import PromptAnswer, RowCounts, RowResult, error_kind, output_columns, output_features, row_result
 from ..row.session import RecordAnswer
 from .progress import ProgressBar
 
@@ -60,15 +62,29 @@ class RowShape:
     error_column: str
     features: Any  # datasets.Features of the output, or None when the source's are unknown
     base_dir: str | None = None
+    # output.embed_images: the Image column that gets the downloaded bytes (the image column itself
+    # when it is an Image column whose paths are URLs), or None.
+    embedded: str | None = None
 
     @classmethod
     def of(cls, prompts: Sequence[Prompt], source_features: Any, *, image_column: str, key_column: str | None,
-           error_column: str, base_dir: str | None) -> "RowShape":
-        """ConfigError for a placeholder naming no column, or an output column the source has."""
+           error_column: str, base_dir: str | None, embedded_column: str | None = None) -> "RowShape":
+        """ConfigError for a placeholder naming no column, or an output column the source has.
+        ``embedded_column``: with ``output.embed_images``, the Image column to add beside a column of
+        URL strings."""
         features = output_features(source_features, prompts, error_column)
         check_placeholders(list(prompts), list(source_features) if source_features is not None else None, image_column)
         template = sorted({name for prompt in prompts for name in prompt.placeholders})
-        return cls(tuple(prompts), image_column, key_column, tuple(template), error_column, features, base_dir)
+        embedded = embedded_column
+        if embedded_column is not None and features is not None:
+            import datasets
+
+            if isinstance(features.get(image_column), datasets.Image):
+                embedded = image_column  # the bytes go into the Image values themselves
+            else:
+                features = _with_column_after(features, image_column, embedded_column, datasets.Image())
+        return cls(tuple(prompts), image_column, key_column, tuple(template), error_column, features, base_dir,
+                   embedded)
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,7 @@ class RunCore:
         self.nothing_to_do = store.nothing_to_do(self.skip)  # a finished run is not read again
         # Answers already paid for; with retry_errors only the good ones, so error rows are asked again.
         self.logged = {} if self.nothing_to_do else store.logged_answers(self.skip, ok_only=retry_errors).answers
+        self.embeds_downloads = shape.embedded is not None  # the sessions keep what they download for the shards
         self.rows = RowCounts()  # the rows this run captioned
         self.rows_from_log = 0  # rows whose answers an earlier run had already received
         self.usage = Usage()  # what this run's requests paid (the backends' senders count into it)
@@ -190,11 +207,18 @@ class RunCore:
         self.progress(result)
         return work.done(offset, result)
 
-    def write_shard(self, work: ChunkWork, files_read: dict[str, bytes] | None = None) -> None:
+    def write_shard(self, work: ChunkWork, files_read: KeptFiles | None = None) -> None:
         """Write a complete chunk's shard (touches nothing shared: may run in a worker thread).
-        ``files_read``: image files the session already read by path, embedded without a second read."""
-        columns = {**work.chunk.columns, **output_columns(self.shape.prompts, self.shape.error_column, work.results)}
-        self.store.write_shard(work.index, columns, self.shape.features, self.shape.base_dir, files_read)
+        ``files_read``: image files the session already read by path (and images it downloaded),
+        embedded without a second read."""
+        shape = self.shape
+        columns = {**work.chunk.columns, **output_columns(shape.prompts, shape.error_column, work.results)}
+        if shape.embedded is not None:
+            usable = [not any(a.error and error_kind(a.error) == "ImageError" for a in r.answers.values())
+                      for r in work.results]
+            columns[shape.embedded] = embedded_images(work.chunk.columns[shape.image_column], usable, files_read,
+                                                      self.config.image, in_place=shape.embedded == shape.image_column)
+        self.store.write_shard(work.index, columns, shape.features, shape.base_dir, files_read)
 
     def shard_written(self, work: ChunkWork) -> None:
         """Record the written shard with its counts and cost (last), then tell the Hub export."""
@@ -268,6 +292,18 @@ class RunCore:
                                           stopped=str(failure))
         summary.write(self.store.layout)
         return summary, failure
+
+
+def _with_column_after(features: Any, after: str, name: str, feature: Any) -> Any:
+    """``features`` with ``name`` right after the column ``after``; ConfigError when it is taken."""
+    import datasets
+
+    if name in features:
+        raise ConfigError(f"output.embedded_image_column: the output already has a column {name!r}; "
+                          "choose another name")
+    items = list(features.items())
+    place = next((i + 1 for i, (column, _) in enumerate(items) if column == after), len(items))
+    return datasets.Features(dict(items[:place] + [(name, feature)] + items[place:]))
 
 
 def _hashable(key: Any) -> Any:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError, ImageError, RunStopped
-from ..row.images import load_image_bytes
+from ..row.images import KeptFiles, load_image_bytes, url_of
 from ..row.results import RowCounts
 from .files import atomic_write_bytes, atomic_write_json, read_json
 from .layout import OutputLayout
@@ -178,7 +178,7 @@ class RunStore:
         self.log.append(record)
 
     def write_shard(self, chunk_index: int, columns: dict[str, list], features: Any,
-                    base_dir: str | None, files_read: dict[str, bytes] | None = None) -> None:
+                    base_dir: str | None, files_read: KeptFiles | None = None) -> None:
         """Write one finished chunk as a parquet shard, atomically. ``files_read``: image files
         already read by path (see ``_embed_image_files``)."""
         import datasets
@@ -222,13 +222,14 @@ class RunStore:
         self.log.close()
 
 
-def _embed_image_files(values: list, base_dir: str | None, files_read: dict[str, bytes] | None = None) -> list:
+def _embed_image_files(values: list, base_dir: str | None, files_read: KeptFiles | None = None) -> list:
     """Images stored as paths (local, or files of a Hub repo) get their file's bytes, so the output
     folder stands alone; taken from ``files_read`` (path as in the row -> bytes, emptied as used)
-    when the run already read them."""
+    when the run already read them. A URL is left as it is (``output.embed_images`` embeds those,
+    through the downloads' safety rules: ``core/run.py``)."""
     out = []
     for v in values:
-        if isinstance(v, dict) and v.get("bytes") is None and v.get("path"):
+        if isinstance(v, dict) and v.get("bytes") is None and v.get("path") and url_of(v) is None:
             path = v["path"]
             data = files_read.pop(path, None) if files_read is not None else None
             if data is None:

@@ -68,7 +68,12 @@ def retry_after_s(exc: BaseException) -> float | None:
     """Seconds the server asked us to wait (``retry-after-ms``, then ``Retry-After``), if any."""
     if isinstance(exc, RequestFailed):
         return exc.retry_after_s
-    headers = getattr(getattr(exc, "response", None), "headers", None)
+    return retry_after_from_headers(getattr(getattr(exc, "response", None), "headers", None))
+
+
+def retry_after_from_headers(headers: Any) -> float | None:
+    """Seconds a response's headers ask to wait (``retry-after-ms``, then ``Retry-After``: seconds
+    or an HTTP date), if any; ``headers``: any case-insensitive mapping (httpx's, aiohttp's)."""
     if not headers:
         return None
     ms = headers.get("retry-after-ms")
@@ -84,8 +89,11 @@ def retry_after_s(exc: BaseException) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
-    when = email.utils.parsedate_to_datetime(value) if value else None  # an HTTP date
-    return max(0.0, when.timestamp() - time.time()) if when else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)  # an HTTP date
+    except (TypeError, ValueError):  # neither seconds nor a date: as if the server had not said
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class wait_retry_after(wait_base):

@@ -1,9 +1,11 @@
 """Turn whatever image value a dataset row holds into the payload sent to a vision model.
 
 Accepted values: a ``datasets`` Image dict (``{"bytes": ..., "path": ...}``), raw bytes
-(``bytes``/``bytearray``/``memoryview``), a local path (``str`` or ``os.PathLike``), an
-``http(s)://`` URL, or a ``PIL.Image.Image``. Every failure is raised as
-:class:`~capstream.errors.ImageError` with a short message meant for the row's error column.
+(``bytes``/``bytearray``/``memoryview``), a local path (``str`` or ``os.PathLike``), a file of a Hub
+repo (``hf://``), or a ``PIL.Image.Image``. An ``http(s)://`` URL (``url_of`` tells) is downloaded
+first, on the event loop, by ``row/downloads.py``; its bytes are then prepared here. Every failure
+is raised as :class:`~capstream.errors.ImageError` with a short message meant for the row's error
+column.
 
 Small JPEG/PNG/WEBP files in RGB without an EXIF rotation are sent as they are; everything else is
 decoded, rotated upright, converted to RGB (transparency onto white), shrunk so its longest side is
@@ -20,15 +22,12 @@ Usage::
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import os
 import re
 import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -40,9 +39,13 @@ from ..cost.pricing import image_size_after_prep
 from ..errors import ImageError
 
 __all__ = [
+    "KeptFiles",
     "PreparedImage",
+    "ends_as_it_should",
     "load_image_bytes",
+    "looks_complete",
     "prepare_image",
+    "url_of",
 ]
 
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -50,8 +53,7 @@ _PADDING = b"\x00 \t\r\n"
 _JPEG_EOI = b"\xff\xd9"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _ORIENTATION_TAG = 0x0112
-_CHUNK = 64 * 1024
-_USER_AGENT = "capstream"
+_TAIL = 4096  # how much of a file's end looks_complete reads
 _WARNINGS_LOCK = threading.Lock()
 
 
@@ -70,50 +72,93 @@ class PreparedImage:
         return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
 
 
+class KeptFiles:
+    """Image bytes a session read (files named by path, downloads) kept for the shard writer, which
+    embeds them in the output instead of reading them again. Each ``put`` is taken by one ``pop``
+    (two rows naming the same file both find it); safe across threads (the preparation pool puts,
+    the shard writer's thread pops)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+        self._puts: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self._data[key] = data
+            self._puts[key] += 1
+
+    def pop(self, key: str, default: bytes | None = None) -> bytes | None:
+        """The bytes kept under ``key`` (``default`` when none); forgotten once taken as often as put."""
+        with self._lock:
+            if key not in self._data:
+                return default
+            self._puts[key] -= 1
+            if self._puts[key] > 0:
+                return self._data[key]
+            del self._puts[key]
+            return self._data.pop(key)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getstate__(self) -> dict:  # crosses to a Ray driver: without its lock
+        with self._lock:
+            return {"data": dict(self._data), "puts": Counter(self._puts)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self._data, self._puts = state["data"], state["puts"]
+
+
 # --------------------------------------------------------------------------------------- loading
+
+
+def url_of(value: Any) -> str | None:
+    """The ``http(s)://`` URL ``value`` names (a string, or an Image dict with a URL path and no
+    bytes), or None when its bytes are at hand or it names a file."""
+    if isinstance(value, Mapping) and not value.get("bytes"):
+        value = value.get("path")
+    return value if isinstance(value, str) and _is_url(value) else None
 
 
 def load_image_bytes(
     value: Any,
     *,
     base_dir: str | None = None,
-    url_timeout_s: float = 30.0,
     max_bytes: int = 50 * 2**20,
 ) -> bytes:
     """The encoded image bytes of ``value`` (any accepted form); ``ImageError`` when there are none.
 
-    ``max_bytes`` caps downloads and local files. A ``PIL.Image.Image`` is encoded as PNG.
+    ``max_bytes`` caps files. A ``PIL.Image.Image`` is encoded as PNG. A URL is not read here
+    (``row/downloads.py`` downloads it, with its safety rules): ValueError.
     """
     if value is None:
         raise ImageError("no image in this row")
     if isinstance(value, Image.Image):
         return _pil_to_png(value)
+    if url_of(value) is not None:
+        raise ValueError("an image URL is downloaded by capstream.row.downloads.ImageDownloads, not read here")
     if isinstance(value, Mapping):
-        return _load_from_dict(value, base_dir, url_timeout_s, max_bytes)
+        return _load_from_dict(value, base_dir, max_bytes)
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         if not data:
             raise ImageError("empty image bytes")
         return data
-    if isinstance(value, str) and _is_url(value):
-        return _download(value, url_timeout_s, max_bytes)
     if isinstance(value, (str, os.PathLike)):
         return _read_file(value, base_dir, max_bytes)
     raise ImageError(f"unsupported image value of type {type(value).__name__}")
 
 
-def _load_from_dict(
-    value: Mapping, base_dir: str | None, url_timeout_s: float, max_bytes: int
-) -> bytes:
+def _load_from_dict(value: Mapping, base_dir: str | None, max_bytes: int) -> bytes:
     if value and "bytes" not in value and "path" not in value:
         raise ImageError(f"unsupported image dict with keys {sorted(map(str, value))}")
     data, path = value.get("bytes"), value.get("path")
     if data:  # bytes win over path, as in datasets' Image feature
         return load_image_bytes(data)
     if path:
-        return load_image_bytes(
-            path, base_dir=base_dir, url_timeout_s=url_timeout_s, max_bytes=max_bytes
-        )
+        return load_image_bytes(path, base_dir=base_dir, max_bytes=max_bytes)
     raise ImageError("no image in this row")
 
 
@@ -166,54 +211,6 @@ def _read_hub_file(name: str, max_bytes: int) -> bytes:
     if not data:
         raise ImageError(f"empty file: {name}")
     return data
-
-
-def _download(url: str, timeout_s: float, max_bytes: int) -> bytes:
-    shown = _url_for_message(url)
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > max_bytes:
-                raise ImageError(
-                    f"download too large: {length} bytes (limit {max_bytes}) for {shown}"
-                )
-            data = _read_capped(response, max_bytes, shown)
-    except ImageError:
-        raise
-    except urllib.error.HTTPError as e:
-        e.close()
-        raise ImageError(f"download failed: HTTP {e.code} for {shown}") from None
-    except urllib.error.URLError as e:
-        reason = _timeout_text(timeout_s) if isinstance(e.reason, TimeoutError) else e.reason
-        raise ImageError(f"download failed: {reason} for {shown}") from None
-    except TimeoutError:
-        raise ImageError(f"download failed: {_timeout_text(timeout_s)} for {shown}") from None
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        raise ImageError(f"download failed: {e or type(e).__name__} for {shown}") from None
-    if not data:
-        raise ImageError(f"download failed: empty body for {shown}")
-    return data
-
-
-def _read_capped(response: Any, max_bytes: int, shown: str) -> bytes:
-    parts, total = [], 0
-    while chunk := response.read(_CHUNK):
-        total += len(chunk)
-        if total > max_bytes:
-            raise ImageError(f"download too large: more than {max_bytes} bytes for {shown}")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def _timeout_text(timeout_s: float) -> str:
-    return f"timed out after {timeout_s:g} s"
-
-
-def _url_for_message(url: str) -> str:
-    # Query strings often carry signatures or tokens; they must not end up in an error column.
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def _pil_to_png(img: Image.Image) -> bytes:
@@ -351,14 +348,20 @@ def _header_orientation(img: Image.Image) -> int:
 
 def looks_complete(data: bytes, fmt: str | None) -> bool:
     """Cheap integrity check instead of a full decode: does the file end as it should?"""
-    tail = data[-4096:].rstrip(_PADDING)
+    return ends_as_it_should(data[:12], data[-_TAIL:], len(data), fmt)
+
+
+def ends_as_it_should(start: bytes, end: bytes, size: int, fmt: str | None) -> bool:
+    """``looks_complete`` from a file's first 12 bytes, its last 4096 and its length (what
+    ``capstream estimate`` reads of an image URL), without the rest."""
+    tail = end[-_TAIL:].rstrip(_PADDING)
     if fmt == "JPEG":
         return tail.endswith(_JPEG_EOI)
     if fmt == "PNG":
         return tail.endswith(_PNG_IEND)
     if fmt == "WEBP":
-        declared = int.from_bytes(data[4:8], "little") + 8
-        return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and declared <= len(data)
+        declared = int.from_bytes(start[4:8], "little") + 8
+        return start[:4] == b"RIFF" and start[8:12] == b"WEBP" and declared <= size
     return False
 
 

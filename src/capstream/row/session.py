@@ -1,7 +1,8 @@
 """Captioning one row: prepare its image once, then ask each prompt.
 
 A ``CaptionSession`` belongs to one event loop. ``await session.caption(image, row)`` prepares the
-image off the loop once (``ImagePreparer``), then for each prompt: an identical request in flight
+image off the loop once (``ImagePreparer``; an image URL is downloaded first, on the loop, by
+``row/downloads.py``), then for each prompt: an identical request in flight
 or an answer bought before (the response cache) is re-used, else the request is sent
 (``model.sending.Sender``: a slot, the rate limits, retries) and the answer checked against the
 prompt's schema. It returns a ``RowResult``; the row's failures come back as data, a failure that
@@ -26,13 +27,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..cost.pricing import image_rule, sent_size
-from ..errors import FilteredAnswer, InvalidAnswer, NotSent, RequestFailed, RowError, TruncatedAnswer
+from ..errors import FilteredAnswer, ImageError, InvalidAnswer, NotSent, RequestFailed, RowError, TruncatedAnswer
 from ..model.call import Answer, ImageRequest
 from ..model.limits import RateLimits
 from ..model.retry import invalid_answer_retrying
 from ..model.sending import Limits, Sender, Usage, describe_refusal, open_model_call
 from .cache import RecentAnswers, ResponseCache, content_key
-from .images import PreparedImage, load_image_bytes, prepare_image
+from .downloads import ImageDownloads, RowSlots, shown_url
+from .images import KeptFiles, PreparedImage, load_image_bytes, prepare_image, url_of
 from .prompts import Prompt
 from .results import PromptAnswer, Provenance, RowResult, row_result
 
@@ -62,11 +64,12 @@ class SessionSpec:
     def open(self, *, prep_pool: Executor, llm: "BaseChatModel | None" = None, usage: Usage | None = None,
              stopping: asyncio.Event | None = None, limits: Limits | None = None,
              before_send: Callable[[], None] | None = None, base_dir: str | None = None,
-             keep_files: bool = False) -> "CaptionSession":
+             keep_files: bool = False, keep_downloads: bool = False) -> "CaptionSession":
         """A session on the running event loop. ``usage``: where it counts what it pays (a run's
         own); ``stopping``: set to send nothing more; ``limits``: a cluster's share instead of this
         process's own buckets; ``before_send``: the budget check; ``base_dir``: where relative image
-        paths point; ``keep_files``: keep the bytes of image files read by path, for the shard writer."""
+        paths point; ``keep_files`` / ``keep_downloads``: keep the bytes of image files read by path /
+        of images downloaded from URLs, for the shard writer."""
         usage = usage if usage is not None else Usage()
         sender = Sender(open_model_call(self.model, llm=llm, processes=self.processes),
                         limits if limits is not None else RateLimits(self.limits.requests_per_minute,
@@ -75,13 +78,15 @@ class SessionSpec:
                         max_attempts=self.retry.max_attempts, max_wait_s=self.retry.max_wait_s,
                         stopping=stopping if stopping is not None else asyncio.Event(),
                         refusal=describe_refusal(self.model, llm), before_send=before_send)
-        images = ImagePreparer(self.image, self.model, prep_pool, base_dir=base_dir, keep_files=keep_files)
+        images = ImagePreparer(self.image, self.model, prep_pool, base_dir=base_dir, keep_files=keep_files,
+                               keep_downloads=keep_downloads)
         # The mock provider is free: nothing to keep.
         bought = ResponseCache(self.cache_dir) if self.cache_dir and self.model.provider != "mock" else RecentAnswers()
         asked_of = self.model.identity() if llm is None else {"llm": _llm_identity(llm)}
         asks = {p.name: PromptAsk.of(p, asked_of, self.image.detail) for p in self.prompts}
         return CaptionSession(self.prompts, images, sender, bought, asks, self.retry.invalid_answer_attempts,
-                              output_budget=self.model.max_tokens or 300)
+                              output_budget=self.model.max_tokens or 300,
+                              row_slots=RowSlots(self.limits.max_concurrency, self.image.download_concurrency))
 
 
 def _llm_identity(llm: Any) -> str:
@@ -111,32 +116,49 @@ class PromptAsk:
 
 class ImagePreparer:
     """Turns a row's image value into the payload sent, off the event loop, at the size the image
-    settings and the model's token rule decide. With ``keep_files``, the bytes of image files the
-    rows name by path only (a Hub repo's images) are kept in ``files_read`` as read, for the shard
-    writer to embed (and drop) instead of downloading them again."""
+    settings and the model's token rule decide; an image URL is downloaded first, on the loop
+    (``downloads``: ``row/downloads.py``). With ``keep_files`` (``keep_downloads``), the bytes of
+    image files the rows name by path only (a Hub repo's images) (of the images downloaded) are kept
+    in ``files_read`` as read, for the shard writer to embed (and drop) instead of reading them again."""
 
     def __init__(self, image: "ImageConfig", model: "ModelConfig", pool: Executor, *, base_dir: str | None = None,
-                 keep_files: bool = False):
+                 keep_files: bool = False, keep_downloads: bool = False, downloads: ImageDownloads | None = None):
         self.max_side, self.quality, self.detail = image.max_side, image.quality, image.detail
         self.pool = pool
         self.base_dir = base_dir
-        self.files_read: dict[str, bytes] | None = {} if keep_files else None
+        self.keep_files, self.keep_downloads = keep_files, keep_downloads
+        self.files_read: KeptFiles | None = KeptFiles() if keep_files or keep_downloads else None
+        self.downloads = downloads if downloads is not None else ImageDownloads(image)
         self._sent_size = sent_size(image, model.name)  # image.max_side and max_tokens_per_image
         self._rule = image_rule(model.name)  # looked up once, not per request
 
     async def prepare(self, value: Any) -> tuple[PreparedImage, str]:
         """The image as sent, and the SHA-256 of its bytes."""
+        url = url_of(value)
+        downloaded = await self.downloads.fetch(url) if url is not None else None  # ImageError: the row's
+
         def prepare_and_hash() -> tuple[PreparedImage, str]:
-            source = value
-            by_path = isinstance(value, Mapping) and not value.get("bytes") and value.get("path")
-            if by_path and self.files_read is not None:
+            source = value if downloaded is None else downloaded
+            by_path = downloaded is None and isinstance(value, Mapping) and not value.get("bytes") and value.get("path")
+            if by_path and self.keep_files:
                 source = load_image_bytes(value, base_dir=self.base_dir)
-                self.files_read[value["path"]] = source
-            image = prepare_image(source, max_side=self.max_side, quality=self.quality, base_dir=self.base_dir,
-                                  target_size=self._sent_size)
+                self.files_read.put(value["path"], source)
+            try:
+                image = prepare_image(source, max_side=self.max_side, quality=self.quality, base_dir=self.base_dir,
+                                      target_size=self._sent_size)
+            except ImageError as err:
+                if url is None:
+                    raise
+                raise ImageError(f"{err.message}: {shown_url(url)}") from None  # which download it was
+            if downloaded is not None and self.keep_downloads:
+                self.files_read.put(url, downloaded)
             return image, hashlib.sha256(image.data).hexdigest()
 
         return await asyncio.get_running_loop().run_in_executor(self.pool, prepare_and_hash)
+
+    async def aclose(self) -> None:
+        """Close the downloads' connections; call on the loop that used it."""
+        await self.downloads.aclose()
 
     def tokens(self, image: PreparedImage) -> int:
         """Input tokens the image counts under the model's rule (as ``capstream estimate`` counts it)."""
@@ -148,7 +170,7 @@ class CaptionSession:
 
     def __init__(self, prompts: Sequence[Prompt], images: ImagePreparer, sender: Sender,
                  bought: ResponseCache | RecentAnswers, asks: dict[str, PromptAsk], invalid_answer_attempts: int, *,
-                 output_budget: int):
+                 output_budget: int, row_slots: RowSlots):
         self.prompts = tuple(prompts)
         self.images = images
         self.sender = sender
@@ -158,6 +180,8 @@ class CaptionSession:
         self.asks = asks
         self.invalid_answer_attempts = invalid_answer_attempts
         self.output_budget = output_budget  # output tokens a request counts when its prompt sets no cap
+        # How many rows a backend starts ahead of the request slots (more for rows downloaded from URLs).
+        self.row_slots = row_slots
         self._in_flight: dict[str, asyncio.Future] = {}
 
     @property
@@ -273,8 +297,10 @@ class CaptionSession:
         return PromptAnswer(value, None, paid[0], paid[1], provenance=provenance(last[0]))
 
     async def aclose(self) -> None:
-        """Close the model call (HTTP client, worker processes) and the cache; call on the session's loop."""
+        """Close the model call (HTTP client, worker processes), the downloads and the cache; call on
+        the session's loop."""
         await self.sender.aclose()
+        await self.images.aclose()
         self.bought.close()
 
 
