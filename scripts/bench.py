@@ -10,9 +10,17 @@ process on 127.0.0.1) and runs, each in its own subprocess, against the same dat
 
 Rates are rows over the work time each side reports (from opening the dataset to the last row
 written, Python's import time excluded; it is the same for both); the wall time of the whole
-subprocess is shown too. Peak RSS is the subprocess's own (``wait4``); CPU seconds are the
-subprocess's with its worker processes, and the fake server's in brackets: on 2 cores they share
-the machine.
+subprocess is shown too. Peak RSS is that of the subprocess's whole process tree (its RSS and its
+children's, summed, sampled every 0.1 s; at least the subprocess's own peak from ``wait4``); CPU
+seconds are the subprocess's with its worker processes, and the fake server's in brackets: on 2
+cores they share the machine.
+
+The ``urls`` scenario runs capstream twice on the same rows, as image bytes in the parquet and as
+URLs served by a fake image host (``capstream.testing.image_host``, in this process) with CDN-like
+latency and faults (404s, a first-GET 503, ``X-Robots-Tag: noai``), and checks what the URL run
+did: every good row captioned, each image downloaded once (twice where the 503 was retried), the
+404 and opted-out rows' errors, rows in order; then that a 127.0.0.1 URL is refused with default
+settings (the host receives no request), and ``capstream estimate`` on 300 URLs at 0.2 s each.
 
     python scripts/bench.py                 # every scenario (about 15 minutes on 2 cores)
     python scripts/bench.py --only zero     # scenarios whose name contains "zero"
@@ -57,6 +65,8 @@ class Scenario:
     baseline: bool = True  # also run the baseline (chunked LCEL abatch)
     baseline_of: str | None = None  # compare with the baseline side of this scenario (same data and server)
     compare_local: bool = False  # also run the local backend (fast server, no limit) and compare outputs
+    folder_files: int = 0  # read a folder of this many parquet files (dataset.path: the folder; limit: rows)
+    urls: bool = False  # the same rows as bytes and as URLs served by a fake image host, side by side
     note: str = ""
 
 
@@ -79,7 +89,16 @@ SCENARIOS = [
                                       "600 configured; seconds include starting Ray"),
     Scenario("stream-memory-4000", 4000, 32, 256, ["--latency", "0"], streaming=True, note="peak RSS"),
     Scenario("stream-memory-16000", 16000, 32, 256, ["--latency", "0"], streaming=True, note="peak RSS"),
+    Scenario("stream-folder-4000", 4000, 32, 256, ["--latency", "0"], streaming=True, folder_files=4, baseline=False,
+             note="peak RSS: a folder of 4 files x 4,000 rows (dataset.path: the folder), dataset.limit 4000"),
+    Scenario("stream-folder-16000", 16000, 32, 256, ["--latency", "0"], streaming=True, folder_files=4,
+             baseline=False, note="peak RSS: the whole folder"),
+    Scenario("urls-vs-bytes-2000", 2000, 32, 256, HEAVY_TAIL, ceiling=32 / HEAVY_TAIL_MEAN_S, baseline=False,
+             urls=True, note="the heavy-tail server; the same rows as bytes and as URLs (image host: lognormal "
+                             "latency, median 0.2 s, sigma 0.5; 2% 404, 5% a first-GET 503, 1% X-Robots-Tag: noai)"),
 ]
+FOLDER_ROWS_PER_FILE = 4000
+URL_MISSING, URL_FLAKY, URL_OPTED_OUT = (lambda i: i % 50 == 7), (lambda i: i % 20 == 3), (lambda i: i % 100 == 42)
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -123,6 +142,49 @@ def dataset_file(rows: int, folder: Path) -> Path:
     return path
 
 
+def dataset_folder(files: int, rows_per_file: int, folder: Path) -> Path:
+    """A folder of ``files`` parquet files of ``rows_per_file`` distinct 640x480 JPEGs each, row groups
+    of 100 rows (the layout of issue 15's memory figures)."""
+    import datasets
+
+    path = folder / f"folder-{files}x{rows_per_file}-rg100"
+    if path.exists():
+        return path
+    base = _base_jpeg()
+    features = datasets.Features({"id": datasets.Value("int64"), "image": datasets.Image()})
+    made = folder / (path.name + ".partial")
+    made.mkdir(exist_ok=True)
+    for part in range(files):
+        def gen(part=part):
+            for i in range(part * rows_per_file, (part + 1) * rows_per_file):
+                yield {"id": i, "image": {"bytes": _unique_jpeg(base, i), "path": None}}
+
+        datasets.Dataset.from_generator(gen, features=features, cache_dir=str(folder / "hf")).to_parquet(
+            str(made / f"part-{part:05d}.parquet"), batch_size=100)
+    made.rename(path)
+    return path
+
+
+def url_dataset(data: Path, host, folder: Path) -> Path:
+    """The rows of ``data`` with each image as a URL on ``host`` (its bytes served there), and the
+    host's faults set (404s, a first-GET 503, opt-outs)."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(data)
+    ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
+    for i, image in zip(ids, images):
+        host.images[f"/img/{i}.jpg"] = image["bytes"]
+    host.missing |= {f"/img/{i}.jpg" for i in ids if URL_MISSING(i)}
+    host.fail_first |= {f"/img/{i}.jpg" for i in ids if URL_FLAKY(i)}
+    host.opt_out.update({f"/img/{i}.jpg": "noai" for i in ids if URL_OPTED_OUT(i)})
+    path = folder / f"urls-{data.stem}.parquet"
+    features = datasets.Features({"id": datasets.Value("int64"), "url": datasets.Value("string")})
+    datasets.Dataset.from_dict({"id": ids, "url": [host.url(f"/img/{i}.jpg") for i in ids]},
+                               features=features).to_parquet(str(path))
+    return path
+
+
 # --- the fake server -------------------------------------------------------------------------------
 
 class Server:
@@ -145,35 +207,64 @@ class Server:
 
 # --- the two sides ---------------------------------------------------------------------------------
 
+def tree_rss_mb(pid: int) -> float:
+    """The RSS of ``pid`` and all its descendants, summed, in MB (from /proc; 0 where unreadable)."""
+    total_kb, todo = 0, [pid]
+    while todo:
+        proc = todo.pop()
+        try:
+            with open(f"/proc/{proc}/status") as status:
+                total_kb += next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{proc}/task"):
+                with open(f"/proc/{proc}/task/{task}/children") as children:
+                    todo += [int(child) for child in children.read().split()]
+        except (OSError, ValueError):  # gone meanwhile, or no /proc
+            pass
+    return total_kb / 1024
+
+
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, str]:
-    """Run a subprocess; return wall seconds, peak RSS in MB, CPU seconds (its own and its reaped
-    children's: capstream's worker processes) and its stdout."""
+    """Run a subprocess; return wall seconds, the peak RSS of its process tree in MB (sampled every
+    0.1 s; at least its own peak), CPU seconds (its own and its reaped children's: capstream's worker
+    processes) and its stdout."""
     started = time.monotonic()
+    peak_tree = 0.0
     with tempfile.TemporaryFile(mode="w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
                                 cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak_tree = max(peak_tree, tree_rss_mb(proc.pid))
+            time.sleep(0.1)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}")
-    return time.monotonic() - started, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, text
+    return time.monotonic() - started, max(peak_tree, usage.ru_maxrss / 1024), usage.ru_utime + usage.ru_stime, text
 
 
-def run_capstream(sc: Scenario, url: str, data: Path, work: Path, out: Path | None = None) -> dict:
+def run_capstream(sc: Scenario, url: str, data: Path, work: Path, out: Path | None = None,
+                  dataset: dict | None = None, image: dict | None = None) -> dict:
     import yaml
 
     out = out or work / f"out-{sc.name}"
+    if dataset is None:
+        dataset = {"path": str(data)} if data.is_dir() else {"path": "parquet", "data_files": str(data)}
+        if data.is_dir() and sc.rows < sc.folder_files * FOLDER_ROWS_PER_FILE:
+            dataset["limit"] = sc.rows
     config = {
-        "dataset": {"path": "parquet", "data_files": str(data), "streaming": sc.streaming},
+        "dataset": {**dataset, "streaming": sc.streaming},
         "model": {"provider": "openai", "name": "fake-vlm", "base_url": url, "api_key_env": None, "timeout_s": 60},
         "limits": {"max_concurrency": sc.concurrency, **sc.limits},
         "retry": {"max_attempts": 10, "max_wait_s": 30},
         "run": {"chunk_size": sc.chunk, "cache": False, **sc.run},  # every scenario buys every answer
         "output": {"dir": str(out)},
+        "image": image or {},
     }
-    path = work / f"{sc.name}.yaml"
+    path = work / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     wall, rss, cpu, _ = run_measured([sys.executable, "-m", "capstream.cli", "run", str(path), "--no-progress",
                                       "--overwrite"])
@@ -247,7 +338,9 @@ def best_case_seconds(rows: int, concurrency: int, chunk: int | None = None, ser
 # --- the table -------------------------------------------------------------------------------------
 
 def measure(sc: Scenario, work: Path) -> list[dict]:
-    data = dataset_file(sc.rows, work)
+    if sc.urls:
+        return measure_urls(sc, work)
+    data = dataset_folder(sc.folder_files, FOLDER_ROWS_PER_FILE, work) if sc.folder_files else dataset_file(sc.rows, work)
     rows = []
     for side in (["capstream", "baseline"] if sc.baseline else ["capstream"]):
         server = Server(sc.server_args)
@@ -273,6 +366,118 @@ def measure(sc: Scenario, work: Path) -> list[dict]:
     return rows
 
 
+def measure_urls(sc: Scenario, work: Path) -> list[dict]:
+    """The same rows as bytes, then as URLs on a fake image host; what the URL run did, checked."""
+    from capstream.testing.image_host import FakeImageHost
+    from capstream.testing.openai_server import lognormal_latency
+
+    data = dataset_file(sc.rows, work)
+    results = []
+    with FakeImageHost(latency=lognormal_latency(0.2, 0.5), seed=0) as host:
+        urls = url_dataset(data, host, work)
+        for side, source, dataset in (("bytes", data, None), ("urls", urls, {"path": "parquet", "data_files": str(urls),
+                                                                             "image_column": "url"})):
+            host.reset_counters()
+            server = Server(sc.server_args)
+            try:
+                result = run_capstream(sc, server.url, source, work, work / f"out-{sc.name}-{side}", dataset=dataset,
+                                       image={"allow_private_urls": True})  # the host is on 127.0.0.1
+                stats = server.stats()
+            finally:
+                server_cpu = server.stop()
+            result.update(scenario=sc.name, side=side, rate=result["rows"] / result["seconds"],
+                          requests=stats["requests"], r429=stats["by_status"].get("429", 0), server_cpu=server_cpu,
+                          dups=sum(n - 1 for n in stats["image_requests"].values() if n > 1))
+            print(f"  {side:9s} {result['rows']} rows in {result['seconds']:.1f}s = {result['rate']:.1f} rows/s, "
+                  f"peak {result['rss']:.0f} MB, CPU {result['cpu']:.1f} s (server {server_cpu:.1f} s)",
+                  file=sys.stderr, flush=True)
+            results.append(result)
+        results[-1]["checks"] = url_checks(shards(work / f"out-{sc.name}-urls"), host, sc.rows)
+        results[-1]["checks"].update(refusal_check(sc, host, urls, work), **estimate_check(work))
+    for name, value in results[-1]["checks"].items():
+        print(f"  {name}: {value}", file=sys.stderr, flush=True)
+    return results
+
+
+def url_checks(table, host, rows: int) -> dict:
+    """What the URL run did, from its shards and the host's counters."""
+    ids, errors, captions = (table.column(c).to_pylist() for c in ("id", "error", "caption"))
+    bad = {i for i in range(rows) if URL_MISSING(i) or URL_OPTED_OUT(i)}
+    expected_requests = {f"/img/{i}.jpg": 2 if URL_FLAKY(i) and not URL_MISSING(i) else 1 for i in range(rows)}
+    return {
+        "rows in order": ids == list(range(rows)),
+        "good rows captioned": f"{sum(c is not None for i, c in enumerate(captions) if i not in bad)}"
+                               f"/{rows - len(bad)}",
+        "404 rows saying so": f"{sum('download failed: HTTP 404' in (errors[i] or '') for i in range(rows) if URL_MISSING(i))}"
+                              f"/{sum(URL_MISSING(i) for i in range(rows))}",
+        "opted-out rows saying so": f"{sum('opted out' in (errors[i] or '') for i in range(rows) if URL_OPTED_OUT(i))}"
+                                    f"/{sum(URL_OPTED_OUT(i) for i in range(rows))}",
+        "downloads as expected (once; twice after a 503)": dict(host.requests) == expected_requests,
+        "images downloaded twice": sum(n == 2 for n in host.requests.values()),
+    }
+
+
+def shards(out: Path):
+    """An output folder's shards, in order, as one table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(path) for path in sorted((out / "data").glob("*.parquet"))])
+
+
+def refusal_check(sc: Scenario, host, urls: Path, work: Path) -> dict:
+    """With default settings a 127.0.0.1 URL is refused and the host sees no request."""
+    host.reset_counters()
+    server = Server(["--latency", "0"])
+    out = work / f"out-{sc.name}-defaults"
+    try:
+        run_capstream(Scenario("defaults", 20, 4, 20, []), server.url, urls, work, out,
+                      dataset={"path": "parquet", "data_files": str(urls), "image_column": "url", "limit": 20})
+    finally:
+        server.stop()
+    errors = shards(out).column("error").to_pylist()
+    return {"defaults: 20 URLs on 127.0.0.1 refused": sum((e or "").startswith("ImageError: refused") for e in errors),
+            "defaults: requests the image host received": sum(host.requests.values())}
+
+
+def estimate_check(work: Path) -> dict:
+    """``capstream estimate`` on 300 URLs at 0.2 s each (a host of its own), against the same 300
+    images as bytes (a full read)."""
+    args = json.dumps({"data": str(dataset_file(300, work)), "work": str(work)})
+    _, _, _, text = run_measured([sys.executable, __file__, "--estimate-side", args])
+    found = json.loads(text.strip().splitlines()[-1])
+    return {"estimate: 300 URLs at 0.2 s, seconds": round(found["seconds"], 2),
+            "estimate: the command's wall seconds": round(found["wall"], 2),
+            "estimate: image tokens by URL = by bytes": found["url_tokens"] == found["bytes_tokens"],
+            "estimate: requests to the host (ranged)": f"{found['requests']} ({found['ranged']})"}
+
+
+def _estimate_side(data: str, work: str) -> dict:
+    started = time.monotonic()
+    from capstream.config import config_from_dict
+    from capstream.cost.estimate import estimate
+    from capstream.testing.image_host import FakeImageHost
+
+    os.environ.setdefault("CAPSTREAM_NO_TIKTOKEN", "1")
+    with FakeImageHost(latency=0.2) as host:
+        urls = url_dataset(Path(data), host, Path(work))
+        host.missing.clear()
+        host.fail_first.clear()
+        host.opt_out.clear()
+        host.reset_counters()
+        model = {"name": "gpt-4o", "api_key_env": None}
+        by_url = config_from_dict({"dataset": {"path": "parquet", "data_files": str(urls), "image_column": "url"},
+                                   "model": model, "image": {"allow_private_urls": True}})
+        began = time.monotonic()
+        url_est = estimate(by_url)
+        seconds = time.monotonic() - began
+        requests, ranged = sum(host.requests.values()), sum(host.ranged.values())
+    bytes_est = estimate(config_from_dict({"dataset": {"path": "parquet", "data_files": data}, "model": model}))
+    return {"seconds": seconds, "wall": time.monotonic() - started, "url_tokens": url_est.image_tokens,
+            "bytes_tokens": bytes_est.image_tokens, "requests": requests, "ranged": ranged,
+            "unusable": url_est.unusable_images}
+
+
 def same_as_local(sc: Scenario, data: Path, work: Path) -> bool:
     """Run the local backend on the same data (fast server, no limit) and compare every shard."""
     import pyarrow.parquet as pq
@@ -294,12 +499,14 @@ def table(results: list[dict]) -> str:
     lines = ["| scenario | side | rows ok | seconds (wall) | rows/s | vs baseline | of ceiling | requests | 429s | asked twice | peak RSS | CPU s (server's) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for sc in SCENARIOS:
-        for side in ("capstream", "baseline"):
+        for side in ("capstream", "baseline", "bytes", "urls"):
             r = by.get((sc.name, side))
             if not r:
                 continue
             base = by.get((sc.baseline_of or sc.name, "baseline"))
             vs = f"{r['rate'] / base['rate']:.2f}x" if base and side == "capstream" else ""
+            if side == "urls":  # against the same rows as bytes
+                vs = f"{r['rate'] / by[(sc.name, 'bytes')]['rate']:.2f}x of bytes"
             ceiling = f"{100 * r['rate'] / sc.ceiling:.0f}%" if sc.ceiling else ""
             lines.append(f"| {sc.name} | {side} | {r['ok']}/{r['rows']} | {r['seconds']:.1f} ({r['wall']:.1f}) | "
                          f"{r['rate']:.1f} | {vs} | {ceiling} | {r['requests']} | {r['r429']} "
@@ -319,9 +526,13 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "capstream-bench"))
     ap.add_argument("--bounds", action="store_true", help="print the best case of the heavy-tail scenarios")
     ap.add_argument("--baseline-side", help=argparse.SUPPRESS)
+    ap.add_argument("--estimate-side", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_side:
         print(json.dumps(asyncio.run(_baseline(**json.loads(args.baseline_side)))))
+        return
+    if args.estimate_side:
+        print(json.dumps(_estimate_side(**json.loads(args.estimate_side))))
         return
     if args.bounds:
         for sc in SCENARIOS:
@@ -352,6 +563,8 @@ def main() -> None:
     print(f"\n{machine()}, {time.strftime('%Y-%m-%d')}\n")
     print(table(results))
     for r in results:
+        for name, value in r.get("checks", {}).items():
+            print(f"- {r['scenario']}: {name}: {value}")
         if "same_as_local" in r:
             print(f"\n{r['scenario']}: output equals the local backend's: {'yes' if r['same_as_local'] else 'NO'}; "
                   f"{r['startup_s']:.1f} s of the {r['seconds']:.1f} s went to starting Ray, its first read and "

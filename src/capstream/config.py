@@ -94,7 +94,7 @@ class ImageConfig(_Section):
     download_concurrency: int = Field(default=64, ge=1, description=(
         "Image URLs downloaded at once; their downloads start ahead of the requests, so an image is ready when a "
         "request slot frees."))
-    download_per_host: int = Field(default=16, ge=1, description=(
+    download_per_host: int = Field(default=32, ge=1, description=(
         "Image URLs downloaded at once from one host (connections to it are reused)."))
     download_attempts: int = Field(default=3, ge=1, description=(
         "Attempts per image URL for 408, 429, 5xx, timeouts and dropped connections (jittered backoff, "

@@ -16,7 +16,7 @@ import pytest
 import capstream
 from capstream.errors import BudgetReached, ConfigError, RunStopped
 
-from conftest import check_output, expected_caption, load_out, make_rows, write_parquet
+from conftest import check_output, expected_caption, jpeg, load_out, make_rows, size_of_row, write_parquet
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a local Ray takes seconds to start
 
@@ -226,3 +226,35 @@ def test_max_cost_usd_on_ray_stops_cleanly_and_a_higher_budget_resumes(local_ray
     check_output(tmp_path / "out", rows, broken)
     total = (server.prompt_tokens_total + server.completion_tokens_total) * 1000.0 / 1e6
     assert result.summary.cost_usd == pytest.approx(total)
+
+
+def test_image_urls_on_ray_are_downloaded_once_and_embedded(local_ray, key, server, tmp_path):
+    """The actors' sessions download URLs as a local run's do (the host is on 127.0.0.1: allowed
+    explicitly), and the downloads come back with the results for the driver's shards."""
+    import datasets
+
+    from capstream.testing.image_host import FakeImageHost
+
+    with FakeImageHost() as host:
+        images = {i: jpeg(*size_of_row(i), colour=(i % 256, 80, 160)) for i in range(80)}
+        host.images.update({f"/img/{i}.jpg": data for i, data in images.items()})
+        host.missing.add("/img/9.jpg")
+        host.fail_first.add("/img/20.jpg")
+        features = datasets.Features({"id": datasets.Value("int64"), "url": datasets.Value("string")})
+        data = tmp_path / "urls.parquet"
+        datasets.Dataset.from_dict({"id": list(images), "url": [host.url(f"/img/{i}.jpg") for i in images]},
+                                   features=features).to_parquet(str(data))
+        config = _config(server, data, tmp_path / "ray")
+        config["dataset"]["image_column"] = "url"
+        config["image"] = {"allow_private_urls": True}
+        config["output"]["embed_images"] = True
+        capstream.run(config, show_progress=False)
+        requests = dict(host.requests)
+    assert requests == {f"/img/{i}.jpg": 2 if i == 20 else 1 for i in images}  # the shards took no second download
+    out = datasets.load_dataset(str(tmp_path / "ray"), split="train", cache_dir=str(tmp_path / "hf-load"))
+    out = out.cast_column("image", datasets.Image(decode=False))
+    for i, row in enumerate(out):
+        if i == 9:
+            assert row["image"] is None and row["error"].startswith("ImageError: download failed: HTTP 404")
+        else:
+            assert row["caption"] == expected_caption(i) and row["image"]["bytes"] == images[i], i

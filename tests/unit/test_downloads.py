@@ -110,6 +110,14 @@ def test_addresses_written_in_the_url_are_checked_without_the_resolver():
     assert resolver.asked == []
 
 
+def test_numeric_forms_of_an_address_are_refused(host):
+    # 2130706433 and 127.1 are 127.0.0.1 to the system's resolver (aiohttp's newer releases refuse them outright).
+    for url in (f"http://2130706433:{host.port}/a.jpg", f"http://127.1:{host.port}/a.jpg"):
+        with pytest.raises(ImageError, match="^refused |^not a valid URL"):
+            fetch(url)
+    assert sum(host.requests.values()) == 0
+
+
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/a.jpg", "gopher://127.0.0.1/", "http:///a.jpg"])
 def test_only_http_and_https_with_a_host(url):
     with pytest.raises(ImageError, match=r"^refused .*only http and https|^not a valid URL"):

@@ -305,14 +305,26 @@ def _checked(url: str | URL, shown: str, allowed: Callable[[str], bool]) -> URL:
     if parsed.scheme not in ("http", "https") or not parsed.raw_host:
         raise ImageError(f"refused {shown_url(parsed)}: only http and https URLs with a host are fetched")
     host = parsed.raw_host
-    try:
-        literal = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    literal = _literal_address(host)
+    if literal is None:
         return parsed  # a name: checked by the resolver, on every address it finds
-    if not allowed(str(literal)):
+    if not allowed(literal):
         raise ImageError(f"refused {shown_url(parsed)}: {host} is not a public address; "
                          "image.allow_private_urls: true allows it")
     return parsed
+
+
+def _literal_address(host: str) -> str | None:
+    """The address a host written as one stands for, legacy IPv4 forms included ("127.1",
+    "2130706433": older aiohttp releases connect to those without asking their resolver); None for a name."""
+    try:
+        return str(ipaddress.ip_address(host.split("%", 1)[0]))
+    except ValueError:
+        pass
+    try:
+        return str(ipaddress.IPv4Address(socket.inet_aton(host)))
+    except OSError:  # not an IPv4 address in any form
+        return None
 
 
 def _range_total(content_range: str | None) -> int | None:
