@@ -8,8 +8,9 @@
   per row left to ask, never more than ``2 * max_concurrency`` at once (so images are prepared
   while earlier requests run; ``image.download_concurrency`` more for rows whose image is a URL, so
   that downloads run ahead: ``row/downloads.RowSlots``), and never more than ``run.window_chunks``
-  unfinished chunks: memory is bounded by the window, not the dataset. ``run.workers`` > 1 adds worker processes that send
-  requests for this loop (``model/processes.py``); limits and retries stay here.
+  unfinished chunks: memory is bounded by the window, not the dataset. ``run.workers`` > 1 adds
+  worker processes that send requests for this loop (``model/processes.py``); limits and retries
+  stay here.
 * Each answer is appended to the results log the moment it arrives, before the row counts as done;
   a complete chunk's shard is written in a worker thread while later chunks go on. Chunks finish
   out of order; shard names keep source order.
