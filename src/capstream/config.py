@@ -98,7 +98,7 @@ class ImageConfig(_Section):
         "Image URLs downloaded at once from one host (connections to it are reused)."))
     download_attempts: int = Field(default=3, ge=1, description=(
         "Attempts per image URL for 408, 429, 5xx, timeouts and dropped connections (jittered backoff, "
-        "`Retry-After` honoured up to 10 s); a 404, 403, 410, a body that is not an image or is too large fails "
+        "`Retry-After` honoured up to 10 s); a 404, 403, 410, an HTML page or a body over 50 MiB fails "
         "at once. A URL still failing is an error row (`ImageError`, with the status and the URL)."))
     download_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one download attempt, in seconds.")
     allow_private_urls: bool = Field(default=False, description=(

@@ -241,6 +241,8 @@ def test_not_an_image_and_too_large(host, monkeypatch):
     host.content_types["/page"] = "text/html; charset=utf-8"
     with pytest.raises(ImageError, match=r"^not an image: .*/page is served as text/html$"):
         fetch(host.url("/page"), **PRIVATE)
+    host.content_types["/a.jpg"] = "text/plain"  # a server's wrong type: the bytes decide (prepare_image)
+    assert fetch(host.url("/a.jpg"), **PRIVATE) == JPEG
     monkeypatch.setattr(downloads_module, "MAX_BYTES", 10_000)
     with pytest.raises(ImageError, match="^download too large: .* bytes .*/big.jpg"):
         fetch(host.url("/big.jpg"), **PRIVATE)
@@ -280,6 +282,13 @@ def test_head_from_a_server_without_ranges_reads_it_all(host):
     host.ranges = False
     (big,) = asyncio.run(_many([host.url("/big.jpg")], None, None, PRIVATE, "head"))
     assert big.start == BIG and big.whole and host.requests["/big.jpg"] == 1
+
+
+def test_head_of_a_file_of_unknown_length_reads_it_all(host):
+    host.hide_length = True
+    (big,) = asyncio.run(_many([host.url("/big.jpg")], None, None, PRIVATE, "head"))
+    assert big.start == BIG and big.end == BIG[-4096:] and big.size == len(BIG)
+    assert host.requests["/big.jpg"] == 2 and host.ranged["/big.jpg"] == 1
 
 
 def test_urls_as_messages_show_them():

@@ -7,7 +7,7 @@ and identical URLs in flight are fetched once.
 
 * **Retries** (tenacity, the policy of ``model/retry.py``): 408, 429, 5xx, timeouts and dropped
   connections, ``image.download_attempts`` attempts in all, jittered backoff, ``Retry-After``
-  honoured up to ``MAX_RETRY_WAIT_S``. Anything else (404, 403, 410, not an image, too large) fails
+  honoured up to ``MAX_RETRY_WAIT_S``. Anything else (404, 403, 410, an HTML page, too large) fails
   at once. A failure is an ``ImageError`` naming the status and the URL (credentials and query
   masked: ``shown_url``).
 * **Safety**: ``http``/``https`` only. A host whose addresses are not public (loopback, private,
@@ -205,8 +205,10 @@ class ImageDownloads:
         when it is small), with the same rules as ``fetch``; the whole file from a server that
         ignores ranges."""
         first = await self._download(url, f"bytes=0-{HEAD_BYTES - 1}")
-        if first.status != 206 or first.total is None or first.total <= len(first.data):
-            return ImageHead(first.data, first.data[-TAIL_BYTES:], first.total or len(first.data))
+        if first.status == 206 and first.total is None:  # a part of a file of unknown length: read it all
+            first = await self._download(url)
+        if first.status != 206 or first.total <= len(first.data):  # the whole file
+            return ImageHead(first.data, first.data[-TAIL_BYTES:], len(first.data))
         last = await self._download(url, f"bytes=-{TAIL_BYTES}")
         return ImageHead(first.data, last.data, first.total)
 
@@ -270,9 +272,9 @@ class ImageDownloads:
         if self.respect_opt_outs and (directive := opted_out(response.headers.getall("X-Robots-Tag", ()))):
             raise ImageError(f"opted out: {shown} is served with X-Robots-Tag {directive!r} "
                              "(image.respect_opt_outs); not sent to the model")
-        kind = response.headers.get("Content-Type", "")
-        if kind.lower().startswith("text/"):
-            raise ImageError(f"not an image: {shown} is served as {kind.split(';')[0]}")
+        kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind == "text/html":  # a page (a soft 404, a login wall), never an image: not read
+            raise ImageError(f"not an image: {shown} is served as {kind}")
         if response.content_length is not None and response.content_length > MAX_BYTES:
             raise ImageError(f"download too large: {response.content_length} bytes (limit {MAX_BYTES}) for {shown}")
         parts, size = [], 0

@@ -40,7 +40,8 @@ class FakeImageHost(LoopbackServer):
     (``retry_after``: its ``Retry-After``, None for none); ``drop_first``: paths whose first GET
     is cut off half-way through the body; ``opt_out``: path -> ``X-Robots-Tag`` value;
     ``redirects``: path -> ``Location`` (302); ``content_types``: path -> ``Content-Type``
-    (default: from the bytes' signature); ``ranges``: honour ``Range`` (False: always 200).
+    (default: from the bytes' signature); ``ranges``: honour ``Range`` (False: always 200);
+    ``hide_length``: answer a range with ``Content-Range: bytes a-b/*`` (the file's length unsaid).
 
     Counters: ``requests`` (path -> requests received), ``ranged`` (path -> requests with a
     ``Range``), ``user_agents``, ``by_status``, ``max_in_flight``.
@@ -53,7 +54,8 @@ class FakeImageHost(LoopbackServer):
                  fail_first: set[str] = frozenset(), drop_first: set[str] = frozenset(),
                  opt_out: Mapping[str, str] | None = None, redirects: Mapping[str, str] | None = None,
                  content_types: Mapping[str, str] | None = None, retry_after: str | None = None,
-                 ranges: bool = True, seed: int = 0, host: str = "127.0.0.1", port: int = 0):
+                 ranges: bool = True, hide_length: bool = False, seed: int = 0, host: str = "127.0.0.1",
+                 port: int = 0):
         super().__init__(host, port)
         self.images = dict(images or {})
         self.latency = latency
@@ -62,7 +64,7 @@ class FakeImageHost(LoopbackServer):
         self.redirects = dict(redirects or {})
         self.content_types = dict(content_types or {})
         self.retry_after = retry_after
-        self.ranges = ranges
+        self.ranges, self.hide_length = ranges, hide_length
         self.rng = random.Random(seed)
         self._lock = threading.Lock()
         self.reset_counters()
@@ -138,7 +140,7 @@ class FakeImageHost(LoopbackServer):
             if start >= len(data) or start > end:
                 return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
             status, body = 206, data[start:end + 1]
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            headers["Content-Range"] = f"bytes {start}-{end}/{'*' if self.hide_length else len(data)}"
         if first and path in self.drop_first:
             return await self._cut_short(request, status, headers, body)
         return web.Response(status=status, body=body, headers=headers)
