@@ -101,8 +101,10 @@ class Captioner:
         return images, [{name: values[i] for name, values in columns.items()} for i in range(len(images))]
 
     def output_columns(self, results: Sequence[RowResult]) -> dict[str, list]:
-        """The prompts' columns and the error column for these results."""
-        return output_columns(self.prompts, self.config.output.error_column, results)
+        """The prompts' columns and the error column for these results (and, with ``output.metadata``,
+        each prompt's metadata columns)."""
+        return output_columns(self.prompts, self.config.output.error_column, results,
+                              metadata=self.config.output.metadata)
 
     # The background loop lives as long as the Captioner, so the HTTP client and buckets are reused
     # across map batches (and the rate limits hold across them).

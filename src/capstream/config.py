@@ -25,6 +25,7 @@ from .cost.pricing import check_cost_settings
 from .errors import ConfigError
 from .model.settings import ModelConfig, redact_url
 from .row.prompts import compile_prompts
+from .row.results import metadata_features
 
 
 class _Section(BaseModel):
@@ -151,6 +152,10 @@ class OutputConfig(_Section):
         "The output folder (Python API: a temporary folder when null)."))
     caption_column: str = Field(default="caption", description="Name of the answer column.")
     error_column: str = Field(default="error", description="Name of the error column.")
+    metadata: bool = Field(default=False, description=(
+        "Add, per prompt, typed columns saying how its answer was bought: `<prompt>_model`, `_finish_reason`, "
+        "`_input_tokens`, `_output_tokens`, `_latency_ms`, `_attempts`, `_answered_at` (UTC); "
+        "null where a row has no answer."))
     # The Hub (io/hub.py): where the run's folder is pushed, and how. None: no push.
     push_to_hub: str | None = Field(default=None, description=(
         "A Hub dataset repo (`user/name`) to push the output folder to; created if missing (null: no push)."))
@@ -214,8 +219,11 @@ class Config(_Section):
         "model.provider", "model.name", "model.base_url", "model.api_version", "model.temperature",
         "model.max_tokens", "prompt", "prompts", "image.max_side", "image.detail", "image.quality",
         "image.max_tokens_per_image",
-        "output.caption_column", "output.error_column",
+        "output.caption_column", "output.error_column", "output.metadata",
     )
+    # Keys added to the fingerprint after folders were written without them: left out while they
+    # hold these values (the behaviour before the key existed), so those folders still resume.
+    FINGERPRINT_DEFAULTS: ClassVar[dict[str, Any]] = {"output.metadata": False}
 
     @model_validator(mode="after")
     def _one_kind_of_prompt(self) -> "Config":
@@ -231,7 +239,9 @@ class Config(_Section):
     # work. ConfigError passes through pydantic as it is; config_from_dict adds the file's name.
     @model_validator(mode="after")
     def _prompts_and_costs_can_work(self) -> "Config":
-        compile_prompts(self.prompt_specs(), self.output.error_column)
+        prompts = compile_prompts(self.prompt_specs(), self.output.error_column)
+        if self.output.metadata:
+            metadata_features(prompts)  # no metadata column may be an answer column
         check_cost_settings(self.model, self.image, self.run.max_cost_usd)
         return self
 
@@ -254,6 +264,9 @@ class Config(_Section):
                 found.update({f"{section}.{k}": v for k, v in data[section].items()})
             else:
                 found[key] = data[section]
+        for key, default in self.FINGERPRINT_DEFAULTS.items():
+            if found.get(key) == default:
+                del found[key]
         return found
 
     def redacted(self) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = 
                                  else open_source(config.dataset, data))
     shape = RowShape.of(spec.prompts, source.features, image_column=config.dataset.image_column,
                         key_column=config.dataset.key_column, error_column=config.output.error_column,
-                        base_dir=source.base_dir)
+                        base_dir=source.base_dir, metadata=config.output.metadata)
     # Everything is checked: the folder may be written now.
     resuming = store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
     store.save_config(config.redacted())

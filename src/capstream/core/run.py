@@ -60,15 +60,17 @@ class RowShape:
     error_column: str
     features: Any  # datasets.Features of the output, or None when the source's are unknown
     base_dir: str | None = None
+    metadata: bool = False  # output.metadata: each prompt's metadata columns too
 
     @classmethod
     def of(cls, prompts: Sequence[Prompt], source_features: Any, *, image_column: str, key_column: str | None,
-           error_column: str, base_dir: str | None) -> "RowShape":
+           error_column: str, base_dir: str | None, metadata: bool = False) -> "RowShape":
         """ConfigError for a placeholder naming no column, or an output column the source has."""
-        features = output_features(source_features, prompts, error_column)
+        features = output_features(source_features, prompts, error_column, metadata=metadata)
         check_placeholders(list(prompts), list(source_features) if source_features is not None else None, image_column)
         template = sorted({name for prompt in prompts for name in prompt.placeholders})
-        return cls(tuple(prompts), image_column, key_column, tuple(template), error_column, features, base_dir)
+        return cls(tuple(prompts), image_column, key_column, tuple(template), error_column, features, base_dir,
+                   metadata)
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,8 @@ class RunCore:
     def write_shard(self, work: ChunkWork, files_read: dict[str, bytes] | None = None) -> None:
         """Write a complete chunk's shard (touches nothing shared: may run in a worker thread).
         ``files_read``: image files the session already read by path, embedded without a second read."""
-        columns = {**work.chunk.columns, **output_columns(self.shape.prompts, self.shape.error_column, work.results)}
+        columns = {**work.chunk.columns, **output_columns(self.shape.prompts, self.shape.error_column, work.results,
+                                                          metadata=self.shape.metadata)}
         self.store.write_shard(work.index, columns, self.shape.features, self.shape.base_dir, files_read)
 
     def shard_written(self, work: ChunkWork) -> None:

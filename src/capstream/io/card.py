@@ -63,6 +63,14 @@ def _prompt_lines(prompt: Prompt, named: bool) -> list[str]:
     return lines
 
 
+def _metadata_sentence(prompts: list[Prompt]) -> str:
+    names = ", ".join(f"`{prompt.name}_*`" for prompt in prompts)
+    return (f" {names}: how each answer was bought, from the provider's response: `_model` (the model that "
+            "answered), `_finish_reason`, `_input_tokens` / `_output_tokens` (its request's usage), `_latency_ms`, "
+            "`_attempts` and `_answered_at` (UTC); an answer re-used from capstream's response cache keeps those "
+            "of its purchase, and a row without an answer has nulls.")
+
+
 def _features_yaml(shards: list[Path]) -> list[dict] | None:
     """The shards' features as the card's ``dataset_info.features`` (from the file, not assumed)."""
     if not shards:
@@ -155,7 +163,8 @@ def render_card(out_dir: Path, config: Config, summary: RunSummary, layout: Card
         f"`{m.name}` ({m.endpoint_label()}) with the prompt{'s' if len(prompts) > 1 else ''} below. "
         f"Column{'s' if len(columns) > 1 else ''} {', '.join(f'`{c}`' for c in columns)} hold"
         f"{'' if len(columns) > 1 else 's'} the answer{'s' if len(columns) > 1 else ''}; "
-        f"`{out.error_column}` says why a row has none (`<Kind>: <message>`).",
+        f"`{out.error_column}` says why a row has none (`<Kind>: <message>`)."
+        + (_metadata_sentence(prompts) if out.metadata else ""),
         "",
         "```python",
         "import datasets",
