@@ -281,6 +281,45 @@ class Config(_Section):
         return data
 
 
+class ResumeChanges:
+    """Which changes of the fingerprint a rerun into the same folder may make (the rest is refused):
+
+    - ``dataset.limit`` may grow, or go (null): the rows done are a prefix of the rows to do;
+    - with ``--retry-errors``, ``max_tokens`` (``model.`` or a prompt's) may change: only the rows
+      with errors are asked again, so a ``TruncatedAnswer`` gets its longer answer.
+
+    ``io/store.RunStore`` records each change it allows in the manifest (the card shows them).
+
+        >>> ResumeChanges(retry_errors=True).allowed("model.max_tokens", 300, 1000)
+        True
+    """
+
+    def __init__(self, *, retry_errors: bool):
+        self.retry_errors = retry_errors
+
+    def allowed(self, key: str, old: Any, new: Any) -> bool:
+        if key == "dataset.limit":
+            return old is not None and (new is None or new >= old)
+        return self.retry_errors and _only_max_tokens_differ(key, old, new)
+
+    def hint(self, key: str, old: Any, new: Any) -> str | None:
+        """Why ``key`` may not change so, when a rule says more than "it changed"."""
+        if key == "dataset.limit":
+            return "dataset.limit may grow (or be removed) to go on with the same folder, never shrink"
+        if _only_max_tokens_differ(key, old, new):
+            name = f"{key}.max_tokens" if key.startswith("prompts.") else key
+            return f"{name} may change with --retry-errors, which asks again only the rows with errors"
+        return None
+
+
+def _only_max_tokens_differ(key: str, old: Any, new: Any) -> bool:
+    if key in ("model.max_tokens", "prompt.max_tokens"):
+        return True
+    if key.startswith("prompts.") and isinstance(old, dict) and isinstance(new, dict):  # a whole prompt's values
+        return {k: v for k, v in old.items() if k != "max_tokens"} == {k: v for k, v in new.items() if k != "max_tokens"}
+    return False
+
+
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*")
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backends.local import LocalBackend
 from .backends.ray import RayBackend, RayInput  # Ray itself is imported only when that backend runs
-from .config import Config
+from .config import Config, ResumeChanges
 from .core.run import Backend, RowShape, RunCore
 from .errors import ConfigError
 from .io.hub import HubExporter
@@ -77,7 +77,8 @@ def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = 
     fingerprint = config.fingerprint()
     if data is not None:
         fingerprint["dataset.fingerprint"] = getattr(data, "_fingerprint", None)
-    store.check(fingerprint, config.run.chunk_size, overwrite=overwrite)  # before any download
+    changes = ResumeChanges(retry_errors=retry_errors)
+    store.check(fingerprint, config.run.chunk_size, overwrite=overwrite, changes=changes)  # before any download
     if data is None or config.output.push_to_hub:
         bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
     source: Source | RayInput = (RayInput.open(config.dataset, data) if config.run.backend == "ray"
@@ -86,7 +87,8 @@ def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = 
                         key_column=config.dataset.key_column, error_column=config.output.error_column,
                         base_dir=source.base_dir, metadata=config.output.metadata)
     # Everything is checked: the folder may be written now.
-    resuming = store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
+    resuming = store.open(fingerprint, config.run.chunk_size, overwrite=overwrite, changes=changes,
+                          retry_errors=retry_errors)
     store.save_config(config.redacted())
     exporter = (HubExporter.from_config(store.dir, config.output, config.dataset.split)
                 if config.output.push_to_hub else None)

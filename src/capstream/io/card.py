@@ -22,9 +22,11 @@ import yaml
 
 from .. import __version__
 from ..config import Config
+from ..errors import ConfigError
 from ..row.prompts import Prompt, compile_prompts
 from .files import atomic_write_bytes
 from .layout import OutputLayout
+from .store import Manifest, SettingsChange
 from .summary import RunSummary
 
 
@@ -107,7 +109,18 @@ def _header(layout: CardLayout, features: list[dict] | None) -> dict[str, Any]:
     return header
 
 
-def _settings_table(config: Config, summary: RunSummary) -> list[str]:
+def _change_text(change: SettingsChange) -> str:
+    values = []
+    for key, (old, new) in change.changed.items():
+        if isinstance(old, dict) and isinstance(new, dict):  # a whole prompt (prompts.<name>): what differs in it
+            values += [f"`{key}.{k}` {json.dumps(old.get(k))} → {json.dumps(new.get(k))}"
+                       for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        else:
+            values.append(f"`{key}` {json.dumps(old)} → {json.dumps(new)}")
+    return f"{change.at}{' (--retry-errors)' if change.retry_errors else ''}: {'; '.join(values)}"
+
+
+def _settings_table(config: Config, summary: RunSummary, changes: list[SettingsChange]) -> list[str]:
     m, d, img = config.model, config.dataset, config.image
     rows = [
         ("model", f"`{m.name}`"),
@@ -119,6 +132,7 @@ def _settings_table(config: Config, summary: RunSummary) -> list[str]:
                        f"max_tokens {m.max_tokens}"),
         ("capstream", __version__),
     ]
+    rows += [("changed by a rerun", _change_text(change)) for change in changes]
     if summary.started:
         rows.append(("started", summary.started))
     if summary.finished:
@@ -174,7 +188,7 @@ def render_card(out_dir: Path, config: Config, summary: RunSummary, layout: Card
         *[line for p in prompts for line in _prompt_lines(p, len(prompts) > 1)],
         "## What was run",
         "",
-        *_settings_table(config, summary),
+        *_settings_table(config, summary, _changes(out_dir, config)),
         "",
         "## Counts",
         "",
@@ -197,6 +211,15 @@ def render_card(out_dir: Path, config: Config, summary: RunSummary, layout: Card
         "",
     ]
     return "\n".join(lines)
+
+
+def _changes(out_dir: Path, config: Config) -> list[SettingsChange]:
+    """The settings reruns changed, as the folder's manifest records them (none when unreadable)."""
+    try:
+        manifest = Manifest.read(OutputLayout(out_dir, config.dataset.split))
+    except ConfigError:
+        return []
+    return manifest.changes if manifest is not None else []
 
 
 def write_card(layout: OutputLayout, config: Config, summary: RunSummary) -> None:
