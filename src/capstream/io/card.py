@@ -5,6 +5,12 @@ shards' own parquet schema) so that both the Hub's viewer and ``datasets.load_da
 find and type them; its body says what was run and what came out. Nothing here reads a secret: the
 config it shows is ``Config.redacted()`` and the endpoint is shown as provider and host only.
 
+The local folder's card names no ``configs`` when datasets finds the shards without them (the
+splits ``train``, ``validation``, ``test``): datasets 5.2 keys its cache of a local folder whose card
+names ``configs`` by the folder's name and the card alone, not by the files, so it would serve the
+rows of its first load after a resume or ``--retry-errors`` rewrote shards. Without ``configs`` it
+resolves the files itself and keys the cache by their paths and modification times.
+
     >>> text = render_card(store.dir, config, summary, CardLayout(split="train", data_glob="data/train-*.parquet"))
     >>> write_card(store.layout, config, summary)      # the local README.md, for the local layout
 """
@@ -39,6 +45,7 @@ class CardLayout:
     config_name: str = "default"
     repo_id: str | None = None  # for the loading example
     other_configs: list[dict[str, Any]] = field(default_factory=list)  # entries already in the repo's card
+    name_configs: bool = True  # False: datasets finds the shards by its own patterns (see the module's docstring)
 
 
 def _sample_rows(shards: list[Path], config: Config, column: str, n: int = 5) -> list[tuple[str, str]]:
@@ -101,7 +108,7 @@ def _header(layout: CardLayout, features: list[dict] | None) -> dict[str, Any]:
         else:
             configs.append(entry)
     configs.append(ours)
-    header: dict[str, Any] = {"configs": configs}
+    header: dict[str, Any] = {"configs": configs} if layout.name_configs else {}
     if features and len(configs) == 1:  # with several configs, each keeps the features its own shards carry
         header["dataset_info"] = {"config_name": layout.config_name, "features": features}
     header["tags"] = ["capstream", "image-captioning", "synthetic-captions"]
@@ -222,8 +229,25 @@ def _changes(out_dir: Path, config: Config) -> list[SettingsChange]:
     return manifest.changes if manifest is not None else []
 
 
+def found_by_datasets(layout: OutputLayout) -> bool:
+    """Whether ``datasets.load_dataset(folder)``, given a card without ``configs``, finds exactly the
+    folder's shards under its split (datasets' own default patterns: ``data/train-*`` and the like)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    shards = sorted(p.resolve().as_posix() for p in layout.shard_paths())
+    if not shards:
+        return False
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(layout.dir.resolve().as_posix()),
+                                            base_path=layout.dir.resolve().as_posix())
+    except Exception:  # datasets finds no data, or reads folders otherwise in another version: name the configs
+        return False
+    return {str(split) for split in found} == {layout.split} and sorted(found[layout.split]) == shards
+
+
 def write_card(layout: OutputLayout, config: Config, summary: RunSummary) -> None:
-    """Write ``README.md`` for the output folder: YAML header for the Hub, then what was run."""
-    card = CardLayout(split=layout.split, data_glob=layout.shard_glob)
+    """Write ``README.md`` for the output folder: YAML header, then what was run. It names
+    ``configs`` only when datasets would not find the shards without them (see the module's docstring)."""
+    card = CardLayout(split=layout.split, data_glob=layout.shard_glob, name_configs=not found_by_datasets(layout))
     text = render_card(layout.dir, config, summary, card, shards=layout.shard_paths())
     atomic_write_bytes(layout.card, text.encode("utf-8"))
