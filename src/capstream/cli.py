@@ -56,8 +56,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate(args) -> int:
+    from .io.source import check_local_paths
+
     config = load_config(args.config, overrides=args.overrides)
-    config.model.api_key()  # everything else was checked as it loaded
+    config.model.api_key()  # everything else was checked as it loaded, but the files it names
+    check_local_paths(config.dataset)
     print(f"{args.config}: ok ({config.model.provider} {config.model.name}, dataset {config.dataset.path})")
     return EXIT_OK
 

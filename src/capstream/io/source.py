@@ -10,6 +10,7 @@ first corrupt image and would make us re-encode every image when writing the out
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from dataclasses import dataclass
@@ -100,12 +101,40 @@ def _cast_images(ds: datasets.Dataset | datasets.IterableDataset, column: str):
     return ds
 
 
+def check_local_paths(cfg: DatasetConfig) -> None:
+    """ConfigError naming the key when ``dataset.data_dir`` or ``dataset.data_files`` name local
+    files that are not there (checked without reading any data). Paths inside a Hub repo, and URLs,
+    are left to the load: they cannot be checked offline."""
+    if not cfg.path:
+        raise ConfigError("dataset.path: required (a Hub dataset id, a local folder, or a builder such as parquet)")
+    local_folder = os.path.isdir(cfg.path)
+    if not local_folder and (os.path.exists(cfg.path) or _HUB_ID.fullmatch(cfg.path)):
+        return  # a file, or a Hub repo: data_dir / data_files are inside it
+    # As datasets resolves them: under the folder (dataset.path) or the data_dir, else the current folder.
+    base = cfg.path if local_folder else ""
+    if cfg.data_dir is not None and not _is_url(cfg.data_dir):
+        base = os.path.join(base, cfg.data_dir)
+        if not os.path.isdir(base):
+            raise ConfigError(f"dataset.data_dir: no folder {cfg.data_dir!r}"
+                              + (f" in {cfg.path!r}" if local_folder else f" (in {os.getcwd()})"))
+    files = cfg.data_files
+    patterns = ([files] if isinstance(files, str) else list(files) if isinstance(files, list)
+                else [p for v in files.values() for p in ([v] if isinstance(v, str) else v)] if isinstance(files, dict)
+                else [])
+    for pattern in patterns:
+        if not _is_url(pattern) and not glob.glob(os.path.join(base, os.path.expanduser(pattern)), recursive=True):
+            raise ConfigError(f"dataset.data_files: nothing matches {pattern!r} (in {os.path.abspath(base or '.')})")
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
 def open_source(cfg: DatasetConfig, data: Any = None) -> Source:
     """Open ``data`` (a Dataset / IterableDataset / DatasetDict) or what ``cfg`` names."""
     from_config = data is None
     if data is None:
-        if not cfg.path:
-            raise ConfigError("dataset.path: required (a Hub dataset id, a local folder, or a builder such as parquet)")
+        check_local_paths(cfg)
         data = _load(cfg)
     if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if cfg.split not in data:
