@@ -82,7 +82,7 @@ def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = 
     if data is None or config.output.push_to_hub:
         bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
     source: Source | RayInput = (RayInput.open(config.dataset, data) if config.run.backend == "ray"
-                                 else open_source(config.dataset, data))
+                                 else open_source(config.dataset, data, hub_timeout_s=config.output.hub_timeout_s))
     shape = RowShape.of(spec.prompts, source.features, image_column=config.dataset.image_column,
                         key_column=config.dataset.key_column, error_column=config.output.error_column,
                         base_dir=source.base_dir, metadata=config.output.metadata)

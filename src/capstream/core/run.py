@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
@@ -42,6 +43,8 @@ from .progress import ProgressBar
 
 if TYPE_CHECKING:
     from ..config import Config
+
+log = logging.getLogger("capstream.run")
 
 # Requests in flight when a run stops finish within model.timeout_s; this much more is allowed for
 # their answers to come back (over a Ray actor call, for instance) before they are given up.
@@ -187,10 +190,18 @@ class RunCore:
         return record
 
     def row_done(self, work: ChunkWork, offset: int, result: RowResult) -> bool:
-        """A row the backend captioned: counted and shown; True once its chunk is complete."""
+        """A row the backend captioned: counted, shown, its error logged (INFO: ``--log-file``);
+        True once its chunk is complete."""
         self.rows.add(result)
         self.progress(result)
+        if result.error is not None:
+            log.info("row %s: %s", self._key(work, offset), result.error)
         return work.done(offset, result)
+
+    def _key(self, work: ChunkWork, offset: int) -> Any:
+        """The row's key (``dataset.key_column``), else its position in the source."""
+        column = self.shape.key_column
+        return work.chunk.columns[column][offset] if column else work.chunk.start + offset
 
     def write_shard(self, work: ChunkWork, files_read: dict[str, bytes] | None = None) -> None:
         """Write a complete chunk's shard (touches nothing shared: may run in a worker thread).

@@ -130,11 +130,13 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def open_source(cfg: DatasetConfig, data: Any = None) -> Source:
-    """Open ``data`` (a Dataset / IterableDataset / DatasetDict) or what ``cfg`` names."""
+def open_source(cfg: DatasetConfig, data: Any = None, *, hub_timeout_s: float = 30.0) -> Source:
+    """Open ``data`` (a Dataset / IterableDataset / DatasetDict) or what ``cfg`` names
+    (``hub_timeout_s``: ``output.hub_timeout_s``, for the Hub's first answer)."""
     from_config = data is None
     if data is None:
         check_local_paths(cfg)
+        check_hub_dataset(cfg, hub_timeout_s)
         data = _load(cfg)
     if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if cfg.split not in data:
@@ -150,6 +152,34 @@ def open_source(cfg: DatasetConfig, data: Any = None) -> Source:
         # A Hub repo: image paths relative to the repo's root are read from the repo (images.py, hf://).
         base_dir = f"hf://datasets/{cfg.path}@{quote(cfg.revision or 'main', safe='')}"
     return Source(data=data, image_column=cfg.image_column, base_dir=base_dir)
+
+
+def check_hub_dataset(cfg: DatasetConfig, timeout_s: float) -> None:
+    """For a ``dataset.path`` that is no local path but a Hub id: ask the Hub once, quickly, whether
+    it has it, so that a typo or a Hub out of reach is one clear line, not datasets' many retries
+    (huggingface_hub retries each file's metadata five times, about 25 s). ConfigError when the Hub
+    says there is no such dataset (or revision); RunStopped when it cannot be reached. Offline
+    (``HF_HUB_OFFLINE``): nothing asked, datasets reads its cache."""
+    import httpx2
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if os.path.exists(cfg.path) or not _HUB_ID.fullmatch(cfg.path) or constants.HF_HUB_OFFLINE:
+        return
+    where = f"dataset.path: {cfg.path!r} is no local file or folder"
+    try:
+        HfApi().dataset_info(cfg.path, revision=cfg.revision, timeout=timeout_s, files_metadata=False)
+    except GatedRepoError:
+        return  # it exists: datasets says what access it needs
+    except RevisionNotFoundError:
+        raise ConfigError(f"dataset.revision: the Hub dataset {cfg.path!r} has no revision {cfg.revision!r}") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{where}, and the Hub ({constants.ENDPOINT}) has no dataset of that name that this "
+                          "login may read (log in with `hf auth login` or set HF_TOKEN for a private one)") from None
+    except (httpx2.TransportError, OSError) as err:
+        raise RunStopped(f"{where}, and the Hub ({constants.ENDPOINT}) cannot be reached: {err}") from None
+    except HfHubHTTPError:
+        return  # another answer of the Hub: datasets reads it and says what it means
 
 
 def _load(cfg: DatasetConfig):

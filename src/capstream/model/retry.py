@@ -126,9 +126,13 @@ def is_transient(exc: BaseException) -> bool:
     return classify(exc) in (Failure.TRANSIENT, Failure.REFUSED)
 
 
-def request_retrying(*, max_attempts: int, max_wait_s: float, initial_wait_s: float = 0.5, sleep=None) -> AsyncRetrying:
-    """The tenacity policy for model requests: only transient failures, jittered exponential backoff."""
+def request_retrying(*, max_attempts: int, max_wait_s: float, initial_wait_s: float = 0.5, sleep=None,
+                     before_sleep=None) -> AsyncRetrying:
+    """The tenacity policy for model requests: only transient failures, jittered exponential backoff
+    (``before_sleep(retry_state)``: told of each attempt tried again)."""
     kwargs = {"sleep": sleep} if sleep is not None else {}
+    if before_sleep is not None:
+        kwargs["before_sleep"] = before_sleep
     return AsyncRetrying(
         stop=stop_after_attempt(max_attempts),
         wait=wait_retry_after(wait_random_exponential(multiplier=initial_wait_s, max=max_wait_s), max_wait_s),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from .chat_models import async_http_client, build_chat_model, shares_default_htt
 from .processes import ProcessPool
 from .retry import request_retrying
 from .settings import OPENAI_COMPATIBLE, ModelConfig, redact_url
+
+
+log = logging.getLogger("capstream.requests")
 
 
 @dataclass
@@ -141,7 +145,8 @@ class Sender:
 
     async def _send_with_retries(self, request: ImageRequest, tokens: int) -> Answer:
         """Each attempt waits for a slot and the rate limits, and teaches them."""
-        async for attempt in request_retrying(max_attempts=self.max_attempts, max_wait_s=self.max_wait_s):
+        async for attempt in request_retrying(max_attempts=self.max_attempts, max_wait_s=self.max_wait_s,
+                                              before_sleep=self._log_retry):
             with attempt:
                 async with self.slots:
                     await self.limits.acquire(tokens)
@@ -167,6 +172,11 @@ class Sender:
                     return dataclasses.replace(answer, latency_ms=round((time.monotonic() - started) * 1000),
                                                attempts=number)
         raise AssertionError("unreachable: tenacity reraises the last error")
+
+    def _log_retry(self, state: Any) -> None:
+        """INFO (``--log-file``): each failed attempt that is tried again, and when."""
+        log.info("attempt %d failed (%s); trying again in %.1f s", state.attempt_number,
+                 self.refusal.scrub(str(state.outcome.exception())), state.next_action.sleep)
 
     async def aclose(self) -> None:
         """Close the model call (its HTTP client, its worker processes); call on the sender's loop."""
