@@ -57,8 +57,8 @@ def caption_dataset(source: Any, config: Config | dict | str | None = None, *, l
     ``source``: a ``Dataset``, ``IterableDataset``, Hub id or local path (or None to use
     ``config.dataset.path``). ``config``: a YAML path, a dict with the YAML's structure, or a
     ``Config``. ``llm``: any LangChain chat model to use instead of ``config.model``. The output
-    folder (``config.output.dir``, or a temporary one) is written as for the CLI, and a rerun into
-    the same folder resumes.
+    folder (``config.output.dir``; without one, a folder named after the settings under the cache
+    folder, said in the log) is written as for the CLI, and a rerun into the same folder resumes.
     """
     result = run(config, source, llm=llm, overwrite=overwrite, retry_errors=retry_errors, show_progress=show_progress)
     return load_output(result.store)

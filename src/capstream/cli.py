@@ -106,7 +106,7 @@ def _run(args) -> int:
         if err.summary is not None:
             _report(f"capstream: what was done is saved; rerun `capstream run {args.config}` to resume")
         return EXIT_STOPPED
-    _report(format_summary(result.summary))
+    _report(format_summary(result.summary, f"capstream run {args.config}"))
     return EXIT_OK
 
 

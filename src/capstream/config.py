@@ -149,7 +149,8 @@ class OutputConfig(_Section):
     """Where the captioned dataset is written, and where on the Hub it is pushed."""
 
     dir: str | None = Field(default=None, description=(
-        "The output folder (Python API: a temporary folder when null)."))
+        "The output folder (null: `<run.cache_dir>/outputs/<dataset>-<hash of the settings>`, named in the log, "
+        "where the same call again resumes)."))
     caption_column: str = Field(default="caption", description="Name of the answer column.")
     error_column: str = Field(default="error", description="Name of the error column.")
     metadata: bool = Field(default=False, description=(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from ..cost.meter import BudgetGuard, CostMeter, Prices
 from ..errors import HubError, Interrupted, RunStopped
-from ..io.card import write_card
+from ..io.card import loading_code, write_card
 from ..io.hub import HubExporter
 from ..io.results_log import LogRecord
 from ..io.source import Chunk
@@ -150,6 +150,7 @@ class RunCore:
         self.logged = {} if self.nothing_to_do else store.logged_answers(self.skip, ok_only=retry_errors).answers
         self.rows = RowCounts()  # the rows this run captioned
         self.rows_from_log = 0  # rows whose answers an earlier run had already received
+        self.unwritten: dict[int, ChunkWork] = {}  # chunks opened whose shard is not written yet
         self.usage = Usage()  # what this run's requests paid (the backends' senders count into it)
         self.meter = CostMeter(Prices.of(config.model), self.usage, before=store.paid_tokens())
         self.budget = (BudgetGuard(self.meter, config.run.max_cost_usd, str(store.dir))
@@ -180,7 +181,8 @@ class RunCore:
             else:
                 row = {name: columns[name][offset] for name in shape.template_columns}
                 todo.append(RowToDo(offset, key, images[offset], row, known))
-        return ChunkWork(chunk, results, todo)
+        work = self.unwritten[chunk.index] = ChunkWork(chunk, results, todo)
+        return work
 
     def answer_log(self, work: ChunkWork, key: Any) -> RecordAnswer:
         """``record(prompt, answer)`` for one row: appends each answer to this process's results log."""
@@ -216,6 +218,7 @@ class RunCore:
         counts = dataclasses.replace(counts, cost_usd=_rounded(self.meter.prices.usd(counts.input_tokens,
                                                                                       counts.output_tokens)))
         self.store.mark_done(work.index, counts)
+        self.unwritten.pop(work.index, None)
         if self.exporter is not None:
             self.exporter.chunk_written(work.index)
 
@@ -250,10 +253,13 @@ class RunCore:
         started, finished = self._dates()
         return RunSummary.of_counts(
             self.store.totals(), complete=self.store.complete,
-            rows_this_run=self.rows.rows, rows_from_log=self.rows_from_log, requests=self.usage.requests,
+            rows_this_run=self.rows.rows, rows_from_log=self.rows_from_log,
+            rows_pending=sum(len(work.chunk) - work.pending for work in self.unwritten.values()),
+            requests=self.usage.requests,
             retries=self.usage.retries, worker_requests=self.usage.sent_to_processes, reused=dict(self.usage.reused),
             seconds=round(seconds, 3), rows_per_s=round(self.rows.rows / max(1e-9, seconds), 2),
             model=self.config.model.name, endpoint=self.config.model.endpoint_label(), output_dir=str(self.store.dir),
+            load_with=loading_code(self.store.layout) if self.store.layout.shard_paths() else None,
             stopped=str(failure) if failure else None,
             paid_input_tokens=paid_in, paid_output_tokens=paid_out, cost_usd=_rounded(self.meter.total_usd()),
             cost_usd_this_run=_rounded(self.meter.this_run_usd()), prices=self.meter.prices.as_dict(),

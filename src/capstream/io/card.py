@@ -245,6 +245,14 @@ def found_by_datasets(layout: OutputLayout) -> bool:
     return {str(split) for split in found} == {layout.split} and sorted(found[layout.split]) == shards
 
 
+def loading_code(layout: OutputLayout) -> str:
+    """The Python line that loads the folder's rows as they are now: ``datasets.load_dataset`` when
+    datasets finds the shards by its own patterns, else ``capstream.load_output``."""
+    if found_by_datasets(layout):
+        return f'datasets.load_dataset("{layout.dir}", split="{layout.split}")'
+    return f'capstream.load_output("{layout.dir}")'
+
+
 def write_card(layout: OutputLayout, config: Config, summary: RunSummary) -> None:
     """Write ``README.md`` for the output folder: YAML header, then what was run. It names
     ``configs`` only when datasets would not find the shards without them (see the module's docstring)."""
