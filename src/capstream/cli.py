@@ -1,4 +1,4 @@
-"""``capstream run | validate | estimate | push``: a thin layer over the library.
+"""``capstream run | validate | estimate | preview | push``: a thin layer over the library.
 
 Exit codes: 0 every row processed (rows with errors included), 1 the run stopped early (state saved,
 rerun to resume), 2 bad config or arguments (nothing started), 130 stopped by Ctrl-C (resumable).
@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--sample", type=int, metavar="N",
                           help="read only the first N rows and scale to the row count in the metadata")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    preview = sub.add_parser("preview", help="ask the model about a few rows and project the whole dataset's cost; "
+                                              "writes nothing into output.dir")
+    preview.add_argument("config")
+    preview.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    preview.add_argument("-n", "--rows", type=int, default=5, metavar="N", help="rows to ask about (default 5)")
+    preview.add_argument("--sample", action="store_true", help="N rows picked at random instead of the first N")
+    preview.add_argument("--seed", type=int, help="with --sample: the same rows again")
+    preview.add_argument("--log-file", metavar="PATH", help="write the full log to PATH")
 
     push = sub.add_parser("push", help="push a run's output folder (finished or partial) to a Hub dataset repo")
     push.add_argument("out_dir", help="the run's output folder (output.dir)")
@@ -156,6 +165,19 @@ class _AboveTheBar(logging.Handler):
             self.handleError(record)
 
 
+def _preview(args) -> int:
+    from .preview import preview
+
+    config = load_config(args.config, overrides=args.overrides)
+    try:
+        result = preview(config, rows=args.rows, sample=args.sample, seed=args.seed)
+    except RunStopped as err:
+        _report(f"capstream: stopped: {err}")
+        return EXIT_STOPPED
+    print(result.format())
+    return EXIT_OK
+
+
 def _push(args) -> int:
     from .io.hub import push_folder, push_target
 
@@ -177,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _log_to(getattr(args, "log_file", None))
-        return {"run": _run, "validate": _validate, "estimate": _estimate, "push": _push}[args.command](args)
+        return {"run": _run, "validate": _validate, "estimate": _estimate, "preview": _preview,
+                "push": _push}[args.command](args)
     except ConfigError as err:
         _report(f"capstream: config error: {err}")
         return EXIT_CONFIG

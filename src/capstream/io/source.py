@@ -60,6 +60,17 @@ class Source:
     def num_rows(self) -> int | None:
         return None if self.streaming else len(self.data)
 
+    def announced_rows(self, split: str, limit: int | None) -> int | None:
+        """The rows to caption: counted when loaded; for a stream, as its metadata announces them
+        (``limit`` applied), or None when it does not say."""
+        if not self.streaming:
+            return len(self.data)
+        splits = self.data.info.splits if self.data.info else None
+        info = splits.get(split) if splits else None
+        if not info or not info.num_examples:  # 0 in metadata means "not recorded" in practice
+            return None
+        return info.num_examples if limit is None else min(limit, info.num_examples)
+
     def chunks(self, chunk_size: int, skip: set[int] = frozenset()) -> Iterator[Chunk]:
         """Consecutive chunks of ``chunk_size`` rows; chunks whose index is in ``skip`` are not yielded."""
         if not self.streaming:
