@@ -5,9 +5,9 @@ the folder) and the projected total (spent / rows done x rows):
 
     train:  12%|█▏        | 120/1000 [00:09<01:10, 12.5row/s, ok=118 err=2 tok=91800+5400 $0.0170 of ~$0.1417]
 
-When stderr is not a terminal (a log file, CI, ``nohup``) the same figures are written as a plain
-line every ``LINE_EVERY_S`` seconds, and once at the end, instead of a bar redrawn many times a
-second.
+When stderr is not a terminal (a log file, CI, ``nohup``; a notebook keeps tqdm's widget) the same
+figures are written as a plain line every ``LINE_EVERY_S`` seconds, and once at the end, instead of
+a bar redrawn many times a second.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import sys
 import time
 
 from tqdm.auto import tqdm
+from tqdm.autonotebook import tqdm as _tqdm_here
+from tqdm.std import tqdm as _tqdm_std
 
 from ..cost.meter import CostMeter, usd
 from ..io.summary import RunSummary
@@ -37,7 +39,8 @@ class ProgressBar:
         self.meter = meter
         self.stream = stream if stream is not None else sys.stderr
         self.total, self.n, self.initial = total, initial, initial
-        self.lines = enabled and not _is_terminal(self.stream)  # else drawn by tqdm, or nothing
+        # A notebook draws its own widget (tqdm.auto); a terminal, the bar; anywhere else: lines.
+        self.lines = enabled and _tqdm_here is _tqdm_std and not _is_terminal(self.stream)
         self.bar = tqdm(total=total, initial=initial, unit="row", file=self.stream, disable=not enabled or self.lines,
                         dynamic_ncols=True, smoothing=0.1)
         self.clock = clock
