@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-errors", action="store_true",
                      help="ask again only for the rows whose error is set, rewriting their shards")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--log-file", metavar="PATH", help="write the full log (every row's error, every retry) to PATH")
+    run.add_argument("--log-file", metavar="PATH",
+                     help="append the full log (every row's error, every retry) to PATH")
 
     validate = sub.add_parser("validate", help="check a config file without reading data or sending requests")
     validate.add_argument("config")
@@ -147,6 +148,8 @@ def _log_to(log_file: str | None) -> None:
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(to_file)
         logging.getLogger().setLevel(logging.INFO)
+        for chatty in ("httpx", "httpx2"):  # a line per request, with a URL's credentials in it: warnings only
+            logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 class _LogFile(logging.FileHandler):
