@@ -4,7 +4,7 @@ Exit codes: 0 every row processed (rows with errors included), 1 the run stopped
 rerun to resume), 2 bad config or arguments (nothing started), 130 stopped by Ctrl-C (resumable).
 
 The terminal shows the progress bar, capstream's warnings (each once, above the bar) and the
-report; ``--log-file PATH`` writes the full log there as well: every row's error, every retry,
+report; ``--log-file PATH`` appends the full log there as well: every row's error, every retry,
 every library's warnings, the report.
 """
 
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", "--rows", type=int, default=5, metavar="N", help="rows to ask about (default 5)")
     preview.add_argument("--sample", action="store_true", help="N rows picked at random instead of the first N")
     preview.add_argument("--seed", type=int, help="with --sample: the same rows again")
-    preview.add_argument("--log-file", metavar="PATH", help="write the full log to PATH")
+    preview.add_argument("--log-file", metavar="PATH", help="append the full log to PATH")
 
     push = sub.add_parser("push", help="push a run's output folder (finished or partial) to a Hub dataset repo")
     push.add_argument("out_dir", help="the run's output folder (output.dir)")
