@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from capstream import RunStopped, run
+from capstream import run
 
 from conftest import (
     check_output,
