@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from capstream.testing.openai_server import FakeOpenAI, RequestInfo
 from conftest import REPO, make_rows, run_cli, size_of_row, write_config, write_parquet
 
 pytestmark = pytest.mark.browser
+plots = pytest.mark.skipif(find_spec("matplotlib") is None,
+                           reason="the report's plots need the view extra: pip install -e '.[view]'")
 
 ROWS, CHUNK, PAGE = 2000, 128, 50
 BROKEN_EVERY = 50  # rows 49, 99, ...: ImageError for both prompts
@@ -142,6 +145,7 @@ def wait_for(page, element: str, text: str) -> None:
     page.images_loaded()
 
 
+@plots
 def test_the_demo_opens_offline_with_every_thumbnail_and_its_report(demo_site, page):
     page.open(demo_site)
     page.page.wait_for_selector("#grid .card")
@@ -150,7 +154,8 @@ def test_the_demo_opens_offline_with_every_thumbnail_and_its_report(demo_site, p
     assert "complete" in page.page.inner_text("#status")
     page.screenshot("demo-gallery")
     page.page.click("#grid .card >> nth=0")
-    assert page.page.is_visible("#detail") and "mock caption" in page.page.inner_text("#detail")
+    detail = page.page.inner_text("#detail")
+    assert page.page.is_visible("#detail") and "mock caption" in detail and "latency" in detail
     page.open(demo_site.parent / "report.html")
     plots = page.page.eval_on_selector_all("img.plot", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
     assert len(plots) >= 4 and all(plots)
@@ -201,6 +206,9 @@ def test_error_rows_are_two_clicks_away(big_site, page):
     kind = "ImageError" if errors[0] in broken else "RequestError: HTTP 400"
     assert page.page.is_visible("#detail") and f"row {errors[0]}" in detail and kind in detail
     page.screenshot("big-error-row")
+    page.page.keyboard.press("ArrowRight")  # the next error row, without closing
+    page.page.wait_for_function("key => document.querySelector('#detail .row-key')?.textContent === key",
+                                arg=f"row {errors[1]}")
     page.page.click("#close")
     # By kind, and by prompt: the server refused only the tags prompt of some rows.
     page.page.select_option("#kind", "ImageError")
@@ -233,10 +241,19 @@ def test_search_finds_answers_and_keys(big_site, page):
     wait_for_keys(page, [f"row {i}" for i in expected])
     assert page.page.inner_text("#shown") == f"rows 1\u2013{len(expected)} of {len(expected)} (of {ROWS:,})"
     page.screenshot("big-search")
+    # Sorted by the caption's length: "image WxH" is longest with a 3-digit width (rows 36 on), shortest
+    # when there is none (row 49's image is broken).
+    page.page.fill("#search", "")
+    page.page.select_option("#prompt", "caption")
+    page.page.select_option("#sort", "long")
+    page.page.wait_for_function("document.querySelector('#grid .row-key')?.textContent === 'row 36'")
+    page.page.select_option("#sort", "short")
+    page.page.wait_for_function("document.querySelector('#grid .row-key')?.textContent === 'row 49'")
     assert page.problems() == []
 
 
 @pytest.mark.slow
+@plots
 def test_the_report_shows_rate_retries_and_cost_over_time(big_site, page):
     page.open(big_site.parent / "report.html")
     page.images_loaded()

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,19 @@ def test_view_of_a_finished_run(finished):
             assert (view / row["t"]).is_file() and row["a"][0]["v"].startswith("image ") and facets["k"][0][i] == 0
             assert row["a"][0]["ti"] > 0 and row["a"][0]["ms"] >= 0 and row["a"][0]["n"] >= 1
     assert len(list((view / "thumbs").rglob("*.jpg"))) == 300 - len(broken)
-    # The report: the run's events were logged as they happened, and every figure has data.
+    # Nothing of the environment reached the site: not the key, whatever the rows say.
+    for path in view.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.skipif(find_spec("matplotlib") is None, reason="the report's plots need the view extra: "
+                                                            "pip install -e '.[view]'")
+def test_the_report_of_a_finished_run_draws_what_happened(finished):
+    out, _ = finished
+    assert run_cli("view", str(out)).returncode == 0
+    view = out / "view"
+    # The run's events were logged as they happened, and every figure has data.
     events = read_events(OutputLayout(out, "train").events_logs())
     retried = [a for a in events.attempts if a.retried and a.status == 429]
     assert retried and [m.what for m in events.marks] == ["started", "stopped"]
@@ -80,10 +93,18 @@ def test_view_of_a_finished_run(finished):
     assert f"attempts retried</th><td>{sum(1 for a in events.attempts if a.retried)}" in report
     assert "series-cost" in plotted_series(view / "report" / "tokens.svg")
     assert "No limit was in force" in report  # none configured, none announced by this server
-    # Nothing of the environment reached the site: not the key, whatever the rows say.
-    for path in view.rglob("*"):
-        if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_without_matplotlib_the_report_gives_its_figures_as_tables(finished, monkeypatch):
+    from capstream.view import build_view
+
+    out, broken = finished
+    monkeypatch.setitem(sys.modules, "capstream.view.plots", None)  # as if the view extra were not installed
+    site = build_view(out)
+    report = site.report.read_text()
+    assert 'pip install "capstream[view]"' in report and "<img" not in report
+    assert f"ImageError</th><td>{len(broken)} rows" in report and "attempts retried" in report
+    assert site.rows == 300 and not list((out / "view" / "report").glob("*.svg"))
 
 
 def test_a_second_view_reuses_the_thumbnails(finished):
@@ -157,3 +178,14 @@ def test_view_serve_serves_on_localhost(finished):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_view_open_hands_the_page_to_the_browser(finished, tmp_path):
+    """``--open`` opens the page with the user's browser ($BROWSER here: a script that notes what it got)."""
+    out, _ = finished
+    noted = tmp_path / "opened.txt"
+    script = tmp_path / "browser.py"
+    script.write_text(f"import sys\nopen({str(noted)!r}, 'w').write(sys.argv[1])\n")
+    result = run_cli("view", str(out), "--open", env={"BROWSER": f"{sys.executable} {script} %s"})
+    assert result.returncode == 0, result.stderr
+    assert noted.read_text() == (out / "view" / "index.html").resolve().as_uri()

@@ -70,6 +70,18 @@ class Section:
         self.plot = plot
 
 
+def bought(records: list[LogRecord]) -> list[LogRecord]:
+    """The answers bought from the model: those with a provenance, each request once (a row that
+    re-used another row's identical request in flight shares its provenance)."""
+    seen, found = set(), []
+    for r in records:
+        p = r.provenance
+        if p is not None and (r.prompt, p.answered_at, p.latency_ms) not in seen:
+            seen.add((r.prompt, p.answered_at, p.latency_ms))
+            found.append(r)
+    return found
+
+
 def record_time(record: LogRecord) -> float | None:
     """When an answer came: when it arrived from the model, else when it was logged (None: an old log)."""
     p = record.provenance
@@ -111,6 +123,7 @@ class _Report:
         self.prompts = [p.name for p in folder.prompts]
         self.several = len(self.prompts) > 1
         self.untimed = sum(1 for r in logged.records if record_time(r) is None)
+        self.bought = bought(logged.records)
 
     def sections(self) -> list[Section]:
         return [self._summary(), self._rate(), self._latency(), self._retries(), self._limits(), self._tokens(),
@@ -182,8 +195,8 @@ class _Report:
 
     def _latency(self) -> Section:
         by_prompt: dict[str, list[float]] = {}
-        for r in self.logged.records:
-            if r.provenance is not None and r.provenance.latency_ms is not None:
+        for r in self.bought:
+            if r.provenance.latency_ms is not None:
                 by_prompt.setdefault(r.prompt, []).append(float(r.provenance.latency_ms))
         by_prompt = {name: by_prompt[name] for name in self.prompts if name in by_prompt}  # in the config's order
         section = Section("latency", "Latency of answered requests")
@@ -199,9 +212,9 @@ class _Report:
                                   + f" ({len(values):,} answers)"))
         known = sum(len(v) for v in by_prompt.values())
         if known < len(self.logged.records):
-            section.notes.append(f"{len(self.logged.records) - known:,} logged answers have no latency: error rows "
-                                 "without an answer, answers re-used from the cache, or logged by an earlier "
-                                 "capstream.")
+            section.notes.append(f"{len(self.logged.records) - known:,} logged answers have no latency of their "
+                                 "own: error rows without an answer, answers re-used from the cache or from an "
+                                 "identical request, or logged by an earlier capstream.")
         section.draw(self._draw("latency", "latency", by_prompt))
         return section
 
@@ -222,8 +235,7 @@ class _Report:
             else:
                 section.notes.append("No attempt failed: no retries, no 429s.")
             return section
-        with_attempts = [(record_time(r), r.provenance.attempts) for r in self.logged.records
-                         if r.provenance is not None and r.provenance.attempts]
+        with_attempts = [(record_time(r), r.provenance.attempts) for r in self.bought if r.provenance.attempts]
         if with_attempts:
             section.notes.append("This folder has no events log (written by an earlier capstream): the retries "
                                  "shown are those the answers needed, at the time each answer came; 429s and "
@@ -240,8 +252,7 @@ class _Report:
         if not self.events.logs:
             section.notes.append("Not recorded: this folder has no events log (written by an earlier capstream).")
             return section
-        answers = [t for t in (record_time(r) for r in self.logged.records if r.provenance is not None)
-                   if t is not None]
+        answers = [t for t in map(record_time, self.bought) if t is not None]
         limits = self.events.limits
         if not limits:
             section.notes.append("No limit was in force: none configured (limits.requests_per_minute, "

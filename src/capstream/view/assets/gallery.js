@@ -12,6 +12,7 @@
   let facetsLoading = null;
   let ids = null; // the rows selected, in the order shown (null: every row, in source order)
   let generation = 0; // a newer selection makes older, slower ones give up
+  let opened = -1; // the place in the selection of the row open large (-1: none)
 
   window.capstream = {
     index(data) { meta = data; start(); },
@@ -264,9 +265,25 @@
     const figure = el("div", "image");
     figure.append(imageNode(row, false));
     node.append(figure, keyNode(row), answersNode(row, false));
-    node.addEventListener("click", () => open(row));
-    node.addEventListener("keydown", (event) => { if (event.key === "Enter") open(row); });
+    node.addEventListener("click", () => openAt(indexOf(row.r)));
+    node.addEventListener("keydown", (event) => { if (event.key === "Enter") openAt(indexOf(row.r)); });
     return node;
+  }
+
+  function indexOf(r) {
+    if (!ids) return r;
+    const first = state.page * meta.page; // the row is on the page shown: look there first
+    const near = ids.indexOf(r, first);
+    return near >= 0 ? near : ids.indexOf(r);
+  }
+
+  // The row at place i of the selection, large; the arrow keys move to the previous and next ones.
+  async function openAt(i) {
+    if (i < 0 || i >= count()) return;
+    const r = ids ? ids[i] : i;
+    await loadBlock(Math.floor(r / meta.block));
+    opened = i;
+    open(rowAt(r));
   }
 
   function open(row) {
@@ -278,7 +295,7 @@
     figure.append(imageNode(row, true));
     body.replaceChildren(head, figure, answersNode(row, true));
     if (row.e) body.append(el("h3", null, "error"), el("pre", "error-full", row.e));
-    $("detail").showModal();
+    if (!$("detail").open) $("detail").showModal();
   }
 
   // -- state in the address, so that a view can be linked to ----------------------------------------
@@ -345,21 +362,37 @@
     }
     readHash();
     syncControls();
-    const reselect = () => { state.page = 0; syncControls(); select(); };
+    let typing = null;
+    const reselect = () => {
+      clearTimeout(typing); // what is in the search box counts now, typed a moment ago or not
+      state.query = $("search").value;
+      state.page = 0;
+      syncControls();
+      select();
+    };
     $("errors-only").addEventListener("click", () => { state.errorsOnly = !state.errorsOnly; reselect(); });
     $("kind").addEventListener("change", (e) => { state.kind = e.target.value; reselect(); });
     $("prompt").addEventListener("change", (e) => { state.prompt = e.target.value; reselect(); });
     $("sort").addEventListener("change", (e) => { state.sort = e.target.value; reselect(); });
-    let typing = null;
-    $("search").addEventListener("input", (e) => {
+    $("search").addEventListener("input", () => {
       clearTimeout(typing);
-      typing = setTimeout(() => { state.query = e.target.value; reselect(); }, 250);
+      typing = setTimeout(reselect, 250);
     });
+    window.addEventListener("hashchange", () => { readHash(); syncControls(); select(); }); // a link edited by hand
     $("prev").addEventListener("click", () => { state.page--; render(); });
     $("next").addEventListener("click", () => { state.page++; render(); });
     $("goto").addEventListener("change", (e) => { state.page = (parseInt(e.target.value, 10) || 1) - 1; render(); });
-    $("close").addEventListener("click", () => $("detail").close());
-    $("detail").addEventListener("click", (e) => { if (e.target === $("detail")) $("detail").close(); });
+    const dialog = $("detail");
+    $("close").addEventListener("click", () => dialog.close());
+    dialog.addEventListener("click", (e) => { // a click on the backdrop, outside the box, closes it
+      const box = dialog.getBoundingClientRect();
+      if (e.clientX < box.left || e.clientX > box.right || e.clientY < box.top || e.clientY > box.bottom) dialog.close();
+    });
+    dialog.addEventListener("keydown", (e) => {
+      if (e.key === "ArrowRight") openAt(opened + 1);
+      if (e.key === "ArrowLeft") openAt(opened - 1);
+    });
+    dialog.addEventListener("close", () => { opened = -1; });
     select();
   }
 })();
