@@ -92,7 +92,7 @@ def replies(truth: dict[str, dict]):
 
 def run(rows: int, work: Path) -> Path:
     data, truth = make_dataset(rows, work)
-    out = work / "out"
+    out = work / "shapes"  # the gallery's title
     server = FakeOpenAI(latency=lognormal_latency(0.15, 0.5), p429=0.02, rpm_limit=1800, reply=replies(truth), seed=3)
     with server:
         config = {

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from importlib.util import find_spec
 from pathlib import Path
@@ -141,6 +142,35 @@ def test_view_of_a_stopped_run_shows_what_is_done(server, tmp_path):
     assert positions == sorted(positions) and all(64 <= x < 128 for x in positions)
     report = (out / "view" / "report.html").read_text()
     assert "not complete (stopped: run.max_cost_usd reached" in report
+
+
+def test_view_of_a_run_still_going(server, tmp_path):
+    """Viewed while the run writes: the chunks written, the answers logged since; again at the end: all."""
+    rows, _ = make_rows(320)
+    data = write_parquet(tmp_path / "src.parquet", rows)
+    out = tmp_path / "out"
+    server.latency = 0.1  # 320 rows two at a time: about 16 s
+    config = write_config(tmp_path / "c.yaml", server.url, data, out, limits={"max_concurrency": 2})
+    env = {**os.environ, "FAKE_KEY": SECRET}
+    run = subprocess.Popen([sys.executable, "-m", "capstream.cli", "run", str(config), "--no-progress"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    try:
+        manifest = OutputLayout(out, "train").manifest
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (manifest.exists() and json.loads(manifest.read_text())["done"]):
+            time.sleep(0.05)
+        assert run_cli("view", str(out)).returncode == 0
+        meta, site_rows, _ = site_data(out / "view")
+        assert run.poll() is None, "the run ended before it was viewed: make it slower"
+        assert not meta["complete"] and meta["written"] >= 64 and meta["rows"] == len(site_rows) < 320
+        written = [row["x"] for row in site_rows if row["w"]]  # chunks finish in any order: shown in source order
+        assert len(written) == meta["written"] and written == sorted(written)
+        assert "running, or killed" in (out / "view" / "report.html").read_text()
+    finally:
+        assert run.wait(timeout=120) == 0
+    assert run_cli("view", str(out)).returncode == 0
+    meta, site_rows, _ = site_data(out / "view")
+    assert meta["complete"] and meta["pending"] == 0 and len(site_rows) == 320
 
 
 def test_view_of_a_folder_of_the_previous_release_says_what_it_cannot_show(tmp_path):
