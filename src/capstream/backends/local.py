@@ -78,7 +78,7 @@ class LocalBackend:
         with _stop_on_signals(stopping) if self.handle_signals else contextlib.nullcontext():
             session = self.spec.open(prep_pool=pool, llm=self.llm, usage=core.usage, stopping=stopping,
                                      before_send=core.budget, base_dir=self.source.base_dir, keep_files=True,
-                                     keep_downloads=core.embeds_downloads)
+                                     keep_downloads=core.embeds_downloads, observer=core.events)
             pipeline = _Pipeline(core, session, self.source.chunks(self.chunk_size, skip=core.skip),
                                  window_chunks=self.window_chunks)
             await pipeline.run()

@@ -190,6 +190,8 @@ class RunStore:
         self.layout.manifest.unlink(missing_ok=True)
         for log in self.layout.results_logs():
             remove_log(log)
+        for log in self.layout.events_logs():  # the run report's events belong to the run discarded
+            log.unlink(missing_ok=True)
 
     @property
     def done_chunks(self) -> set[int]:
