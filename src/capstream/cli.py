@@ -1,4 +1,4 @@
-"""``capstream run | validate | estimate | push``: a thin layer over the library.
+"""``capstream run | validate | estimate | push | status | cancel``: a thin layer over the library.
 
 Exit codes: 0 every row processed (rows with errors included), 1 the run stopped early (state saved,
 rerun to resume), 2 bad config or arguments (nothing started), 130 stopped by Ctrl-C (resumable).
@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--sample", type=int, metavar="N",
                           help="read only the first N rows and scale to the row count in the metadata")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    status = sub.add_parser("status", help="show a batch run's request files and their batches (run.backend: batch)")
+    status.add_argument("out_dir", help="the run's output folder (output.dir)")
+    status.add_argument("--offline", action="store_true", help="as the folder last saw them: ask the provider nothing")
+    cancel = sub.add_parser("cancel", help="cancel a batch run's batches at the provider (rerun to submit the rest)")
+    cancel.add_argument("out_dir", help="the run's output folder (output.dir)")
 
     push = sub.add_parser("push", help="push a run's output folder (finished or partial) to a Hub dataset repo")
     push.add_argument("out_dir", help="the run's output folder (output.dir)")
@@ -99,6 +105,40 @@ def _run(args) -> int:
     return EXIT_OK
 
 
+def _status(args) -> int:
+    from .api import batch_status
+
+    try:
+        files = batch_status(args.out_dir, live=not args.offline)
+    except RunStopped as err:
+        print(f"capstream: {err}", file=sys.stderr)
+        return EXIT_STOPPED
+    for f in files:
+        seen = f" ({f.completed:,} done, {f.failed:,} failed)" if f.batch_id and f.state != "collected" else ""
+        collected = (", ".join(f"{v:,} {k}" for k, v in f.counts.items() if v) if f.state == "collected" else "")
+        print(f"{f.name}  {f.requests:,} requests  {f.state}{seen}  {f.batch_id or '-'}  {collected}".rstrip())
+    states = {}
+    for f in files:
+        states[f.state] = states.get(f.state, 0) + 1
+    print(f"{len(files)} request file(s): " + ", ".join(f"{n} {state}" for state, n in states.items()))
+    return EXIT_OK
+
+
+def _cancel(args) -> int:
+    from .api import cancel_batches
+
+    try:
+        cancelled = cancel_batches(args.out_dir)
+    except RunStopped as err:
+        print(f"capstream: {err}", file=sys.stderr)
+        return EXIT_STOPPED
+    for batch_id in cancelled:
+        print(f"cancelled {batch_id}")
+    print(f"capstream: {len(cancelled)} batch(es) cancelled; a rerun collects what they answered and submits the "
+          "rest again", file=sys.stderr)
+    return EXIT_OK
+
+
 def _push(args) -> int:
     from .io.hub import push_folder, push_target
 
@@ -120,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="capstream: %(message)s")
     try:
-        return {"run": _run, "validate": _validate, "estimate": _estimate, "push": _push}[args.command](args)
+        commands = {"run": _run, "validate": _validate, "estimate": _estimate, "push": _push, "status": _status,
+                    "cancel": _cancel}
+        return commands[args.command](args)
     except ConfigError as err:
         print(f"capstream: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -66,4 +66,4 @@ def format_summary(summary: RunSummary) -> str:
 
 def _prices_text(prices: dict) -> str:
     return (f"${prices.get('input_per_mtok'):g} in / ${prices.get('output_per_mtok'):g} out per million tokens "
-            f"({prices.get('source')})")
+            f"({prices.get('source')}{', Batch API' if prices.get('batch') else ''})")

@@ -15,6 +15,7 @@ rest (``results_log.py``), so no answer is paid for twice. The names of the file
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -135,6 +136,9 @@ class RunStore:
         self.layout.manifest.unlink(missing_ok=True)
         for log in self.layout.results_logs():
             remove_log(log)
+        self.layout.batch_ledger.unlink(missing_ok=True)  # a batch run's (none in flight: setup.py checks)
+        if self.layout.batch_dir.is_dir():
+            shutil.rmtree(self.layout.batch_dir)
 
     @property
     def done_chunks(self) -> set[int]:
