@@ -451,7 +451,8 @@ class _BatchRun:
     def _take(self, entry: IndexEntry, line: ResultLine, logged: set, again: list, counts: dict[str, int]) -> None:
         outcome = self.rows.read(self.prompts[entry.prompt], line, attempts=entry.attempts + 1, paid=entry.paid)
         answer = outcome.answer
-        if line.status is not None:  # a request the provider ran: an attempt, and what it paid
+        own = (entry.chunk, _hashable(self._key(entry.chunk, entry.offset, entry.row_key)), self.prompts[entry.prompt])
+        if line.status is not None and own not in logged:  # a request the provider ran: an attempt, and its cost
             self.core.usage.count_attempt(retry=entry.attempts > 0)
             self.core.usage.add_paid(answer.input_tokens - entry.paid[0], answer.output_tokens - entry.paid[1])
         if outcome.again is not None:
@@ -471,13 +472,17 @@ class _BatchRun:
                 self.core.usage.count_reused("dedup")
             given = answer if n == 0 else PromptAnswer(answer.value, answer.error, source="dedup",
                                                        provenance=answer.provenance)
-            key = row_key if self.keyed else chunk * self.chunk_size + offset
+            key = self._key(chunk, offset, row_key)
             name = self.prompts[prompt]
             if (chunk, _hashable(key), name) in logged:
                 self.received.setdefault((chunk, offset), {})[name] = given  # logged by the run that was killed
             else:
                 self._keep(chunk, offset, key, name, given)
         self.rows.keep(entry.content_key, answer)
+
+    def _key(self, chunk: int, offset: int, row_key: Any) -> Any:
+        """A row's key in the results log: ``dataset.key_column``'s value, else its position."""
+        return row_key if self.keyed else chunk * self.chunk_size + offset
 
     def _keep(self, chunk: int, offset: int, key: Any, prompt: str, answer: PromptAnswer) -> None:
         """An answer of this run: logged now, kept until its chunk is written."""

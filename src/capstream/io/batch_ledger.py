@@ -189,7 +189,10 @@ class RequestFile:
         return False
 
     def collecting(self, at: float) -> None:
-        self.collect_started = at
+        """Its answers are about to be logged. A collection begun before (by a run that was killed)
+        keeps its start: every answer logged since then is that file's."""
+        if self.collect_started is None:
+            self.collect_started = at
 
     def collected_with(self, counts: dict[str, int]) -> None:
         self.collected, self.counts = True, dict(counts)
