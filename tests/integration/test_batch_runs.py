@@ -23,8 +23,9 @@ from capstream.api import batch_status, cancel_batches, run
 from capstream.config import load_config
 from capstream.errors import BudgetReached, ConfigError, RunStopped
 from capstream.testing.batch_server import FakeBatchOpenAI
+from capstream.testing.openai_server import image_tokens as server_image_tokens
 
-from conftest import REPO, check_output, load_out, make_rows, run_cli, write_config, write_parquet
+from conftest import REPO, check_output, load_out, make_rows, run_cli, size_of_row, write_config, write_parquet
 
 PROMPTS = {  # two prompts: free text, and a schema with its own max_tokens; {alt} makes each row's text its own
     "caption": {"text": "Describe the image. Alt text: {alt}"},
@@ -337,3 +338,55 @@ def test_another_backend_or_overwrite_refuses_a_folder_with_batches_in_flight(ba
     with pytest.raises(ConfigError, match="capstream cancel"):
         run(load_config(config), overwrite=True, show_progress=False)
     assert cancel_batches(tmp_path / "out") and batch_server.creates == 1
+
+
+def test_an_answer_not_matching_the_schema_is_asked_again_in_a_later_batch(batch_server, rows_300, tmp_path):
+    data, rows, broken = rows_300
+    asked = collections.Counter()
+
+    def sloppy(info):
+        asked[info.text] += 1
+        if info.text.endswith("row 4).") and asked[info.text] == 1:
+            return "not JSON at all"  # the first answer of row 4's facts
+        if info.text.endswith("row 6)."):
+            return "never JSON"  # row 6's facts: never right
+        return reply(info)
+
+    batch_server.reply = sloppy
+    out = tmp_path / "out"
+    result = run(load_config(configs(tmp_path, batch_server, data, "out", prompts=PROMPTS, run={"backend": "batch"},
+                                     retry={"invalid_answer_attempts": 2})), show_progress=False)
+    ds = load_out(out)
+    assert ds[4]["width"] == 68 and ds[4]["error"] is None
+    assert ds[6]["width"] is None and ds[6]["error"].startswith("facts: InvalidAnswer: not valid JSON")
+    assert asked["Facts about the image (row 4)."] == 2 and asked["Facts about the image (row 6)."] == 2
+    assert result.summary.errors == {"ImageError": len(broken), "InvalidAnswer": 1}
+    # Both requests of row 4 are paid, and counted in its answer, as online.
+    log = [json.loads(line) for line in (out / ".capstream/results.jsonl").read_text().splitlines()]
+    [row4] = [r for r in log if r["k"] == 4 and r["p"] == "facts"]
+    one_request = len("Facts about the image (row 4).") // 4 + 4 + server_image_tokens(*size_of_row(4), "auto")
+    assert row4["ti"] == 2 * one_request and row4["n"] == 2  # n: the batches it took
+    assert result.summary.paid_input_tokens == batch_server.prompt_tokens_total
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_rows_by_key_and_a_streamed_dataset(batch_server, rows_300, tmp_path, streaming):
+    data, rows, broken = rows_300
+    config = configs(tmp_path, batch_server, data, "out", run={"backend": "batch"}, batch={"max_requests": 70},
+                     dataset={"key_column": "id", "streaming": streaming})
+    run(load_config(config), show_progress=False)
+    check_output(tmp_path / "out", rows, broken)
+    log = [json.loads(line) for line in (tmp_path / "out/.capstream/results.jsonl").read_text().splitlines()]
+    assert sorted(r["k"] for r in log) == list(range(300))  # each row's key, as dataset.key_column has it
+    assert batch_server.creates == 4
+
+
+def test_estimate_prices_for_batch(batch_server, rows_300, tmp_path):
+    data, rows, broken = rows_300
+    online = configs(tmp_path, batch_server, data, "online")
+    batch = configs(tmp_path, batch_server, data, "batch", run={"backend": "batch"})
+    estimates = [json.loads(run_cli("estimate", str(c), "--json").stdout) for c in (online, batch)]
+    assert estimates[0]["priced_for_batch"] is False and estimates[1]["priced_for_batch"] is True
+    assert estimates[1]["cost_usd"] == pytest.approx(estimates[0]["cost_usd"] / 2)
+    text = run_cli("estimate", str(batch)).stdout
+    assert "Batch API price of 2025-04-14" in text and "priced for run.backend batch" in text
