@@ -47,7 +47,8 @@ PROMPTS = {
     "short": {"text": "One line for the image ({alt}).", "max_tokens": 40},
     "facts": {"text": "Facts about the image: {alt}", "schema": {"width": "integer", "wide": "boolean"}},
 }
-FEATURES = datasets.Features({"id": datasets.Value("int64"), "image": datasets.Image(), "alt": datasets.Value("string")})
+FEATURES = datasets.Features({"id": datasets.Value("int64"), "image": datasets.Image(),
+                             "alt": datasets.Value("string")})
 
 
 def jpeg(i: int) -> bytes:

@@ -113,7 +113,8 @@ def test_killed_at_each_step_then_rerun(server, source_200, tmp_path, step):
     server.hold.add(step)
     cli = Cli(config, tmp_path / "killed.log")
     reached = {"upload": lambda: server.uploads == 1, "create": lambda: server.creates == 1,
-               "progress": lambda: server.creates == 4 and all(b.status == "in_progress" for b in server.batches.values()),
+               "progress": lambda: server.creates == 4 and all(b.status == "in_progress"
+                                                               for b in server.batches.values()),
                "content": lambda: any(b.status == "completed" for b in server.batches.values())}[step]
     cli.wait_for(reached)
     time.sleep(0.2)  # let the run sit in the step

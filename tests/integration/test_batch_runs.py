@@ -86,7 +86,8 @@ def test_batch_output_equals_the_online_output_shard_for_shard(batch_server, row
     batch = run(load_config(configs(tmp_path, batch_server, data, "batch", prompts=PROMPTS,
                                     run={"backend": "batch"}, batch={"max_requests": 30, "max_bytes": 45_000})),
                 show_progress=False)
-    assert shards(tmp_path / "online").keys() == shards(tmp_path / "batch").keys() and len(shards(tmp_path / "batch")) == 5
+    assert shards(tmp_path / "online").keys() == shards(tmp_path / "batch").keys()
+    assert len(shards(tmp_path / "batch")) == 5
     for name, table in shards(tmp_path / "online").items():
         assert shards(tmp_path / "batch")[name].equals(table), name
     # Every request was answered once through a batch: the same requests, and the same tokens.
@@ -282,8 +283,8 @@ def test_the_response_cache_answers_first_and_identical_requests_are_one_line(ba
     for row in rows[40:]:
         row["image"], row["alt"] = rows[row["id"] - 40]["image"], rows[row["id"] - 40]["alt"]  # 40 pairs
     data = write_parquet(tmp_path / "src.parquet", rows)
-    run(load_config(configs(tmp_path, batch_server, data, "first", run={"backend": "batch", "cache_dir": str(tmp_path / "c")})),
-        show_progress=False)
+    run(load_config(configs(tmp_path, batch_server, data, "first",
+                            run={"backend": "batch", "cache_dir": str(tmp_path / "c")})), show_progress=False)
     assert batch_server.requests == 40  # one line per pair
     second = run(load_config(configs(tmp_path, batch_server, data, "second",
                                      run={"backend": "batch", "cache_dir": str(tmp_path / "c")})), show_progress=False)

@@ -170,7 +170,8 @@ def test_a_body_and_an_answer_round_trip_through_the_chat_model(monkeypatch):
     assert body["model"] == "gpt-4o-mini" and body["temperature"] == 0.3 and body["max_completion_tokens"] == 20
     assert [m["role"] for m in body["messages"]] == ["system", "user"]
     reply = {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
-             "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": " a cat "}}],
+             "choices": [{"index": 0, "finish_reason": "length",
+                          "message": {"role": "assistant", "content": " a cat "}}],
              "usage": {"prompt_tokens": 120, "completion_tokens": 20, "total_tokens": 140}}
     answer = answer_of(response_message(llm, reply))
     assert (answer.text, answer.input_tokens, answer.output_tokens, answer.finish_reason, answer.model) == (

@@ -309,7 +309,8 @@ class FakeBatchOpenAI(FakeOpenAI):
                     if code == "batch_expired":
                         self.expired_ids.add(line["custom_id"])
                     errors[i] = {"id": f"batch_req_{uuid.uuid4().hex[:16]}", "custom_id": line["custom_id"],
-                                 "response": None, "error": {"code": code, "message": f"the request was not run ({code})"}}
+                                 "response": None,
+                                 "error": {"code": code, "message": f"the request was not run ({code})"}}
                     return
                 done += 1
                 async with session.post(url, json=line["body"], headers=headers) as response:
