@@ -614,10 +614,12 @@ def cancel_batches(layout: OutputLayout, model: "ModelConfig") -> list[str]:
         try:
             cancelled = []
             for record in ledger.open_files:
-                batch = record.batch
-                if batch is not None and batch.status in ("validating", "in_progress", "finalizing"):
-                    await api.cancel(batch.id)
-                    cancelled.append(batch.id)
+                if record.batch is None:
+                    continue
+                state = await api.retrieve(record.batch.id)  # the ledger's last look may be old
+                if state.status in ("validating", "in_progress", "finalizing"):
+                    await api.cancel(state.id)
+                    cancelled.append(state.id)
             return cancelled
         finally:
             await api.aclose()
