@@ -22,7 +22,7 @@ from .backends.batch import cancel_batches as _cancel_batches
 from .config import Config, config_from_dict, resolve_config
 from .core.run import RunResult
 from .errors import ConfigError, Interrupted, RunStopped
-from .io.files import read_json
+from .io.files import read_state
 from .io.layout import OutputLayout
 from .io.store import RunStore
 from .model.settings import ModelConfig
@@ -92,10 +92,7 @@ def cancel_batches(out_dir: str | os.PathLike) -> list[str]:
 def _batch_folder(out_dir: str | os.PathLike) -> tuple[OutputLayout, ModelConfig]:
     """The folder's layout and the model its run used (from its saved config, secrets never saved)."""
     layout = OutputLayout(out_dir, "train")  # the split names shards only: not read here
-    try:
-        saved = read_json(layout.saved_config)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{layout.saved_config}: cannot read: {err}") from None
+    saved = read_state(layout.saved_config)
     if saved is None:
         raise ConfigError(f"{out_dir}: not a capstream output folder (no {layout.saved_config})")
     return layout, config_from_dict(saved, source=str(layout.saved_config)).model

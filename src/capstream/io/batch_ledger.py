@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import ConfigError, RunStopped
-from .files import atomic_write_json, read_json
+from ..errors import RunStopped
+from .files import atomic_write_json, read_state
 from .layout import OutputLayout
 
 _CUSTOM_ID = re.compile(r"r(\d+)-c(\d+)-o(\d+)-p(\d+)-a(\d+)")
@@ -229,10 +229,7 @@ class BatchLedger:
     @classmethod
     def read(cls, layout: OutputLayout) -> "BatchLedger | None":
         """The folder's ledger, or None when it has none (it was never run with ``backend: batch``)."""
-        try:
-            data = read_json(layout.batch_ledger)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{layout.batch_ledger}: cannot read: {err}") from None
+        data = read_state(layout.batch_ledger)
         if data is None:
             return None
         through = data.get("planned_through")

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError, ImageError, RunStopped
 from ..row.images import load_image_bytes
 from ..row.results import RowCounts
-from .files import atomic_write_bytes, atomic_write_json, read_json
+from .files import atomic_write_bytes, atomic_write_json, read_state
 from .layout import OutputLayout
 from .results_log import LoggedAnswers, LogRecord, ResultsLog, paid_tokens, read_answers, remove_log, repair_tail
 
@@ -45,10 +45,7 @@ class Manifest:
     @classmethod
     def read(cls, layout: OutputLayout) -> "Manifest | None":
         """The folder's manifest, or None when it has none; ConfigError when it cannot be read."""
-        try:
-            data = read_json(layout.manifest)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{layout.manifest}: cannot read: {err}") from None
+        data = read_state(layout.manifest)
         if data is None:
             return None
         return cls(data.get("fingerprint") or {}, data.get("chunk_size"), data.get("split") or layout.split,
