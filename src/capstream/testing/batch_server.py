@@ -190,20 +190,20 @@ class FakeBatchOpenAI(FakeOpenAI):
         return web.json_response(batch.to_json())
 
     async def _h_retrieve(self, request: web.Request) -> web.Response:
+        batch = self._batch_asked(request)
+        return batch if isinstance(batch, web.Response) else web.json_response(batch.to_json())
+
+    def _batch_asked(self, request: web.Request) -> FakeBatch | web.Response:
+        """The batch a request names, or the error response (a bad key, no such batch)."""
         if (denied := self._unauthorized(request)) is not None:
             return denied
         batch = self.batches.get(request.match_info["batch_id"])
-        if batch is None:
-            return self._error(404, "No such Batch object")
-        return web.json_response(batch.to_json())
+        return batch if batch is not None else self._error(404, "No such Batch object")
 
     async def _h_list(self, request: web.Request) -> web.Response:
         if (denied := self._unauthorized(request)) is not None:
             return denied
-        newest_first = sorted(self.batches.values(), key=lambda b: b.created_at, reverse=True)
-        # created_at has a resolution of a second: list in creation order within it, newest first
-        order = list(self.batches)
-        newest_first.sort(key=lambda b: (b.created_at, order.index(b.id)), reverse=True)
+        newest_first = list(reversed(self.batches.values()))  # kept in the order they were made
         after = request.query.get("after")
         if after:
             ids = [b.id for b in newest_first]
@@ -215,11 +215,9 @@ class FakeBatchOpenAI(FakeOpenAI):
                                   "has_more": len(newest_first) > limit})
 
     async def _h_cancel(self, request: web.Request) -> web.Response:
-        if (denied := self._unauthorized(request)) is not None:
-            return denied
-        batch = self.batches.get(request.match_info["batch_id"])
-        if batch is None:
-            return self._error(404, "No such Batch object")
+        batch = self._batch_asked(request)
+        if isinstance(batch, web.Response):
+            return batch
         if batch.status in ("validating", "in_progress", "finalizing"):
             batch.cancel = True
             batch.status = "cancelling"
