@@ -138,7 +138,6 @@ class _BatchRun:
                                     on_file=lambda record: self.file_ready.set())
         self.received: dict[tuple[int, int], dict[str, PromptAnswer]] = {}  # (chunk, offset) -> answers, unwritten
         self.waiting: set[int] = set()  # chunks planned whose shard waits for answers
-        self.written: set[int] = set()
         self.failure: RunStopped | None = None
         self.budget_note: str | None = None  # why a file was not submitted: the budget
         self.file_ready = asyncio.Event()  # the planner recorded a file
@@ -180,6 +179,9 @@ class _BatchRun:
                 changed |= await self._write_ready()
             except RunStopped as err:
                 self._fail(err)
+                return
+            except Exception as err:  # a bug must stop the run cleanly, its state saved
+                self._fail(RunStopped(f"internal error: {type(err).__name__}: {err}"))
                 return
             if self.planning_done and not self.waiting and not self.ledger.open_files:
                 return
@@ -332,6 +334,7 @@ class _BatchRun:
         expected = prices.usd(*record.tokens) or 0.0
         limit = self.core.budget.max_usd
         if spent + in_flight + expected <= limit:
+            self.budget_note = None  # it fits now (batches in flight were paid for less than expected)
             return True
         self.budget_note = (
             f"run.max_cost_usd: {record.name} ({record.requests:,} requests, about ${expected:.4f} at the batch "
@@ -546,7 +549,6 @@ class _BatchRun:
             self.core.row_done(work, item.offset, result)
         await asyncio.to_thread(self.core.write_shard, work)
         self.core.shard_written(work)
-        self.written.add(chunk.index)
 
 
 def _try(state: BatchState) -> BatchTry:
