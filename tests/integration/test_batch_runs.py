@@ -391,3 +391,25 @@ def test_estimate_prices_for_batch(batch_server, rows_300, tmp_path):
     assert estimates[1]["cost_usd"] == pytest.approx(estimates[0]["cost_usd"] / 2)
     text = run_cli("estimate", str(batch)).stdout
     assert "Batch API price of 2025-04-14" in text and "priced for run.backend batch" in text
+
+
+def test_batches_are_looked_at_less_often_while_nothing_changes(batch_server, rows_300, tmp_path):
+    """poll_s 0.05: a batch held in progress for 4 s is looked at after 0.05, 0.075, 0.11 ... s, then
+    every 1 s (20 x poll_s): about 10 times, where a fixed interval would look 80 times."""
+    data, rows, broken = rows_300
+    batch_server.hold.add("progress")
+    proc = start_run(configs(tmp_path, batch_server, data, "out", run={"backend": "batch"},
+                             batch={"poll_s": 0.05}))
+    try:
+        deadline = time.time() + 60
+        while batch_server.creates < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        first = batch_server.retrieves
+        time.sleep(4)
+        looks = batch_server.retrieves - first
+        batch_server.hold.discard("progress")
+        assert proc.wait(60) == 0, proc.communicate()[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert 5 <= looks <= 20, looks

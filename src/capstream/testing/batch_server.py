@@ -22,7 +22,7 @@ steps that wait while named: ``upload`` after the file is stored, ``create`` aft
 made and before its id is answered, ``progress`` before any line is done, ``content`` before a
 file is served).
 
-Counters: ``uploads``, ``creates``, ``uploaded`` (file id -> bytes), ``batches`` (id -> ``FakeBatch``),
+Counters: ``uploads``, ``creates``, ``retrieves``, ``uploaded`` (file id -> bytes), ``batches`` (id -> ``FakeBatch``),
 ``submitted`` (Counter of custom_ids over every batch that went past validation), ``expired_ids``,
 ``failed_ids`` (lines answered with a 5xx).
 
@@ -99,6 +99,7 @@ class FakeBatchOpenAI(FakeOpenAI):
         self.line_concurrency = line_concurrency
         self.uploads = 0
         self.creates = 0
+        self.retrieves = 0
         self.uploaded: dict[str, bytes] = {}
         self.file_names: dict[str, str] = {}
         self.batches: dict[str, FakeBatch] = {}
@@ -190,6 +191,7 @@ class FakeBatchOpenAI(FakeOpenAI):
         return web.json_response(batch.to_json())
 
     async def _h_retrieve(self, request: web.Request) -> web.Response:
+        self.retrieves += 1
         batch = self._batch_asked(request)
         return batch if isinstance(batch, web.Response) else web.json_response(batch.to_json())
 
