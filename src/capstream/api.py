@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -24,7 +25,7 @@ from .core.run import RunResult
 from .errors import ConfigError, Interrupted, RunStopped
 from .io.files import read_state
 from .io.layout import OutputLayout
-from .io.store import RunStore
+from .io.store import Manifest, RunStore
 from .model.settings import ModelConfig
 from .setup import plan_run
 
@@ -62,8 +63,8 @@ def caption_dataset(source: Any, config: Config | dict | str | None = None, *, l
     ``source``: a ``Dataset``, ``IterableDataset``, Hub id or local path (or None to use
     ``config.dataset.path``). ``config``: a YAML path, a dict with the YAML's structure, or a
     ``Config``. ``llm``: any LangChain chat model to use instead of ``config.model``. The output
-    folder (``config.output.dir``, or a temporary one) is written as for the CLI, and a rerun into
-    the same folder resumes.
+    folder (``config.output.dir``; without one, a folder named after the settings under the cache
+    folder, said in the log) is written as for the CLI, and a rerun into the same folder resumes.
     """
     result = run(config, source, llm=llm, overwrite=overwrite, retry_errors=retry_errors, show_progress=show_progress)
     return load_output(result.store)
@@ -98,12 +99,23 @@ def _batch_folder(out_dir: str | os.PathLike) -> tuple[OutputLayout, ModelConfig
     return layout, config_from_dict(saved, source=str(layout.saved_config)).model
 
 
-def load_output(store: RunStore) -> datasets.Dataset:
-    """The output folder's shards as one Dataset, in source order."""
+def load_output(output: RunStore | str | os.PathLike) -> datasets.Dataset:
+    """The output folder's shards as one Dataset, in source order, as they are now (``output``: the
+    folder, or a run's ``RunResult.store``). ``datasets.load_dataset(folder)`` does the same for the
+    splits ``train``, ``validation`` and ``test`` (see docs/output.md)."""
+    store = output if isinstance(output, RunStore) else RunStore(OutputLayout(output, _split_of(Path(output))))
     files = [str(p) for p in store.layout.shard_paths()]
     if not files:
         raise RunStopped(f"{store.dir}: no output shards")
     return datasets.Dataset.from_parquet(files)
+
+
+def _split_of(folder: Path) -> str:
+    """The split a run's folder holds, from its manifest; ConfigError when it is no run's folder."""
+    manifest = Manifest.read(OutputLayout(folder, ""))
+    if manifest is None or not manifest.split:
+        raise ConfigError(f"{folder}: not a capstream output folder (no {OutputLayout(folder, '').manifest})")
+    return manifest.split
 
 
 __all__ = ["caption_dataset", "run", "RunResult", "Interrupted", "load_output", "batch_status", "cancel_batches"]

@@ -1,7 +1,13 @@
 """The batched map function: ``Captioner(config)``, a callable usable as
 
     >>> captioner = Captioner({"model": {"provider": "mock"}})
-    >>> ds = ds.map(captioner, batched=True, input_columns=["image"])   # adds caption + error
+    >>> ds = ds.map(captioner, batched=True)                            # adds caption + error
+    >>> ds = ds.map(captioner, batched=True, input_columns=["image"])   # the images only: no {column} placeholders
+
+Given whole batches (no ``input_columns``: a ``dict``, or datasets' ``LazyBatch``), it reads the
+image column and the columns the prompts' ``{column}`` placeholders name; given the image column
+alone, a prompt with a placeholder is refused (``ConfigError`` naming the column), never sent with
+empty text.
 
 Each call runs the batch on a private event loop in a background thread (so it works from plain
 scripts and from notebooks alike) through a ``CaptionSession`` (``row/session.py``) that lives as
@@ -13,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 from langchain_core.language_models import BaseChatModel
 
 from .config import Config, resolve_config
+from .errors import ConfigError
 from .row.results import RowResult, output_columns
 from .row.session import CaptionSession
 from .setup import session_spec
@@ -27,7 +35,7 @@ from .setup import session_spec
 class Captioner:
     """The batched map function: ``ds.map(Captioner(cfg), batched=True)`` adds the prompts' columns
     and the error column (with ``input_columns=[image_col]`` it gets the images only, which is
-    enough unless a prompt has ``{column}`` placeholders).
+    enough unless a prompt has ``{column}`` placeholders: those are refused then).
 
     ``llm`` takes any LangChain chat model instead of the one ``config.model`` describes (the SDK's
     own retries should be off on it; this class retries). Each call runs the batch on a private event
@@ -61,18 +69,42 @@ class Captioner:
             if own:
                 await session.aclose()
 
-    def __call__(self, batch: Sequence[Any] | dict[str, list]) -> dict[str, list]:
-        if isinstance(batch, dict):  # ds.map(captioner, batched=True): every column of the batch
-            images = batch[self.config.dataset.image_column]
-            rows = [{name: values[i] for name, values in batch.items()} for i in range(len(images))]
-        else:
-            images, rows = list(batch), None
-        results = self._run(self.acaption(list(images), self._loop_session(), rows))
+    def __call__(self, batch: Sequence[Any] | Mapping[str, list], *more_columns: Sequence[Any]) -> dict[str, list]:
+        images, rows = self._batch_rows(batch, more_columns)
+        results = self._run(self.acaption(images, self._loop_session(), rows))
         return self.output_columns(results)
 
+    def _batch_rows(self, batch: Any, more_columns: tuple) -> tuple[list[Any], list[dict[str, Any]] | None]:
+        """The batch's images and, for ``{column}`` placeholders, each row's columns they read.
+        ``ds.map(captioner, batched=True)`` passes every column (a dict, or a ``LazyBatch`` from
+        ``Dataset.map``); with ``input_columns=[image_column]`` the images alone."""
+        placeholders = sorted({name for prompt in self.prompts for name in prompt.placeholders})
+        image_column = self.config.dataset.image_column
+        if more_columns:
+            raise ConfigError(f"Captioner: given {1 + len(more_columns)} input_columns; give it the image column alone "
+                              f"(input_columns=[{image_column!r}]) or whole batches (no input_columns)")
+        if not isinstance(batch, Mapping):
+            if placeholders:
+                raise ConfigError(f"prompt placeholder {{{placeholders[0]}}}: the map function was given only the "
+                                  f"images (input_columns); give it whole batches (no input_columns) so that it "
+                                  f"reads column {placeholders[0]!r}")
+            return list(batch), None
+        if image_column not in batch:
+            raise ConfigError(f"dataset.image_column: no column {image_column!r} in the batch "
+                              f"(columns: {', '.join(batch)})")
+        missing = [name for name in placeholders if name not in batch]
+        if missing:
+            raise ConfigError(f"prompt placeholder {{{missing[0]}}}: no column {missing[0]!r} in the batch "
+                              f"(columns: {', '.join(batch)})")
+        images = list(batch[image_column])
+        columns = {name: batch[name] for name in placeholders}  # read once: a LazyBatch formats on access
+        return images, [{name: values[i] for name, values in columns.items()} for i in range(len(images))]
+
     def output_columns(self, results: Sequence[RowResult]) -> dict[str, list]:
-        """The prompts' columns and the error column for these results."""
-        return output_columns(self.prompts, self.config.output.error_column, results)
+        """The prompts' columns and the error column for these results (and, with ``output.metadata``,
+        each prompt's metadata columns)."""
+        return output_columns(self.prompts, self.config.output.error_column, results,
+                              metadata=self.config.output.metadata)
 
     # The background loop lives as long as the Captioner, so the HTTP client and buckets are reused
     # across map batches (and the rate limits hold across them).

@@ -1,7 +1,11 @@
-"""``capstream run | validate | estimate | push | status | cancel``: a thin layer over the library.
+"""``capstream run | validate | estimate | preview | push | status | cancel``: a thin layer over the library.
 
 Exit codes: 0 every row processed (rows with errors included), 1 the run stopped early (state saved,
 rerun to resume), 2 bad config or arguments (nothing started), 130 stopped by Ctrl-C (resumable).
+
+The terminal shows the progress bar, capstream's warnings (each once, above the bar) and the
+report; ``--log-file PATH`` appends the full log there as well: every row's error, every retry,
+every library's warnings, the report.
 """
 
 from __future__ import annotations
@@ -10,14 +14,17 @@ import argparse
 import logging
 import sys
 
+from . import __version__
 from .config import load_config
 from .errors import ConfigError, HubError, Interrupted, RunStopped
 
 EXIT_OK, EXIT_STOPPED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+log = logging.getLogger("capstream")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capstream", description="Caption image datasets with vision language models.")
+    parser.add_argument("--version", action="version", version=f"capstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="caption the dataset a config file describes (rerun to resume)")
@@ -28,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-errors", action="store_true",
                      help="ask again only for the rows whose error is set, rewriting their shards")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--log-file", metavar="PATH",
+                     help="append the full log (every row's error, every retry) to PATH")
 
     validate = sub.add_parser("validate", help="check a config file without reading data or sending requests")
     validate.add_argument("config")
@@ -39,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--sample", type=int, metavar="N",
                           help="read only the first N rows and scale to the row count in the metadata")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    preview = sub.add_parser("preview", help="ask the model about a few rows and project the whole dataset's cost; "
+                                              "writes nothing into output.dir")
+    preview.add_argument("config")
+    preview.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    preview.add_argument("-n", "--rows", type=int, default=5, metavar="N", help="rows to ask about (default 5)")
+    preview.add_argument("--sample", action="store_true", help="N rows picked at random instead of the first N")
+    preview.add_argument("--seed", type=int, help="with --sample: the same rows again")
+    preview.add_argument("--log-file", metavar="PATH", help="append the full log to PATH")
 
     status = sub.add_parser("status", help="show a batch run's request files and their batches (run.backend: batch)")
     status.add_argument("out_dir", help="the run's output folder (output.dir)")
@@ -62,8 +80,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate(args) -> int:
+    from .io.source import check_local_paths
+
     config = load_config(args.config, overrides=args.overrides)
-    config.model.api_key()  # everything else was checked as it loaded
+    config.model.api_key()  # everything else was checked as it loaded, but the files it names
+    check_local_paths(config.dataset)
     print(f"{args.config}: ok ({config.model.provider} {config.model.name}, dataset {config.dataset.path})")
     return EXIT_OK
 
@@ -91,17 +112,78 @@ def _run(args) -> int:
     try:
         result = run(config, overwrite=args.overwrite, retry_errors=args.retry_errors, show_progress=not args.no_progress, handle_signals=True)
     except Interrupted as err:
-        print(format_summary(err.summary), file=sys.stderr)
-        print(f"capstream: interrupted; rerun `capstream run {args.config}` to resume", file=sys.stderr)
+        _report(format_summary(err.summary))
+        _report(f"capstream: interrupted; rerun `capstream run {args.config}` to resume")
         return EXIT_INTERRUPTED
     except RunStopped as err:
         if err.summary is not None:
-            print(format_summary(err.summary), file=sys.stderr)
-        print(f"capstream: stopped: {err}", file=sys.stderr)
+            _report(format_summary(err.summary))
+        _report(f"capstream: stopped: {err}")
         if err.summary is not None:
-            print(f"capstream: what was done is saved; rerun `capstream run {args.config}` to resume", file=sys.stderr)
+            _report(f"capstream: what was done is saved; rerun `capstream run {args.config}` to resume")
         return EXIT_STOPPED
-    print(format_summary(result.summary), file=sys.stderr)
+    _report(format_summary(result.summary, f"capstream run {args.config}"))
+    return EXIT_OK
+
+
+def _report(text: str) -> None:
+    """Lines for the terminal (stderr), and for the log file when there is one."""
+    print(text, file=sys.stderr)
+    log.info("%s", text)
+
+
+def _log_to(log_file: str | None) -> None:
+    """Warnings on the terminal, each once: capstream's with its prefix, written above the progress
+    bar; other libraries print theirs with their own handlers (huggingface_hub, datasets), or
+    Python's last resort. With ``log_file``: everything from INFO up, every library's, to the file.
+    Called again (``main`` twice in one process), it replaces what it installed."""
+    for logger in (log, logging.getLogger()):
+        for handler in [h for h in logger.handlers if isinstance(h, (_AboveTheBar, _LogFile))]:
+            logger.removeHandler(handler)
+            handler.close()
+    terminal = _AboveTheBar()
+    terminal.setLevel(logging.WARNING)
+    terminal.setFormatter(logging.Formatter("capstream: %(message)s"))
+    log.addHandler(terminal)
+    log.setLevel(logging.INFO if log_file else logging.WARNING)
+    if log_file:
+        try:
+            to_file = _LogFile(log_file, encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"--log-file {log_file}: {err.strerror or err}") from None
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(to_file)
+        logging.getLogger().setLevel(logging.INFO)
+        for chatty in ("httpx", "httpx2"):  # a line per request, with a URL's credentials in it: warnings only
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+class _LogFile(logging.FileHandler):
+    """The file of ``--log-file``."""
+
+
+class _AboveTheBar(logging.Handler):
+    """Writes through tqdm, so that a warning does not cut the progress bar in two."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # as logging.StreamHandler does: a broken stderr must not stop the run
+            self.handleError(record)
+
+
+def _preview(args) -> int:
+    from .preview import preview
+
+    config = load_config(args.config, overrides=args.overrides)
+    try:
+        result = preview(config, rows=args.rows, sample=args.sample, seed=args.seed)
+    except RunStopped as err:
+        _report(f"capstream: stopped: {err}")
+        return EXIT_STOPPED
+    print(result.format())
     return EXIT_OK
 
 
@@ -158,13 +240,12 @@ def _push(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="capstream: %(message)s")
     try:
-        commands = {"run": _run, "validate": _validate, "estimate": _estimate, "push": _push, "status": _status,
-                    "cancel": _cancel}
-        return commands[args.command](args)
+        _log_to(getattr(args, "log_file", None))
+        return {"run": _run, "validate": _validate, "estimate": _estimate, "preview": _preview,
+                "push": _push, "status": _status, "cancel": _cancel}[args.command](args)
     except ConfigError as err:
-        print(f"capstream: config error: {err}", file=sys.stderr)
+        _report(f"capstream: config error: {err}")
         return EXIT_CONFIG
 
 

@@ -25,6 +25,7 @@ from .cost.pricing import check_cost_settings
 from .errors import ConfigError
 from .model.settings import OPENAI_COMPATIBLE, ModelConfig, redact_url
 from .row.prompts import compile_prompts
+from .row.results import metadata_features
 
 
 class _Section(BaseModel):
@@ -179,9 +180,14 @@ class OutputConfig(_Section):
     """Where the captioned dataset is written, and where on the Hub it is pushed."""
 
     dir: str | None = Field(default=None, description=(
-        "The output folder (Python API: a temporary folder when null)."))
+        "The output folder (null: `<run.cache_dir>/outputs/<dataset>-<hash of the settings>`, named in the log, "
+        "where the same call again resumes)."))
     caption_column: str = Field(default="caption", description="Name of the answer column.")
     error_column: str = Field(default="error", description="Name of the error column.")
+    metadata: bool = Field(default=False, description=(
+        "Add, per prompt, typed columns saying how its answer was bought: `<prompt>_model`, `_finish_reason`, "
+        "`_input_tokens`, `_output_tokens`, `_latency_ms`, `_attempts`, `_answered_at` (UTC); "
+        "null where a row has no answer."))
     # The Hub (io/hub.py): where the run's folder is pushed, and how. None: no push.
     push_to_hub: str | None = Field(default=None, description=(
         "A Hub dataset repo (`user/name`) to push the output folder to; created if missing (null: no push)."))
@@ -247,8 +253,11 @@ class Config(_Section):
         "model.provider", "model.name", "model.base_url", "model.api_version", "model.temperature",
         "model.max_tokens", "prompt", "prompts", "image.max_side", "image.detail", "image.quality",
         "image.max_tokens_per_image",
-        "output.caption_column", "output.error_column",
+        "output.caption_column", "output.error_column", "output.metadata",
     )
+    # Keys added to the fingerprint after folders were written without them: left out while they
+    # hold these values (the behaviour before the key existed), so those folders still resume.
+    FINGERPRINT_DEFAULTS: ClassVar[dict[str, Any]] = {"output.metadata": False}
 
     @model_validator(mode="after")
     def _one_kind_of_prompt(self) -> "Config":
@@ -264,7 +273,9 @@ class Config(_Section):
     # work. ConfigError passes through pydantic as it is; config_from_dict adds the file's name.
     @model_validator(mode="after")
     def _prompts_and_costs_can_work(self) -> "Config":
-        compile_prompts(self.prompt_specs(), self.output.error_column)
+        prompts = compile_prompts(self.prompt_specs(), self.output.error_column)
+        if self.output.metadata:
+            metadata_features(prompts)  # no metadata column may be an answer column
         check_cost_settings(self.model, self.image, self.run.max_cost_usd)
         if self.run.backend == "batch" and self.model.provider not in OPENAI_COMPATIBLE:
             raise ConfigError(f"run.backend: batch sends through an OpenAI-compatible Batch API; model.provider "
@@ -291,6 +302,9 @@ class Config(_Section):
                 found.update({f"{section}.{k}": v for k, v in data[section].items()})
             else:
                 found[key] = data[section]
+        for key, default in self.FINGERPRINT_DEFAULTS.items():
+            if found.get(key) == default:
+                del found[key]
         return found
 
     def redacted(self) -> dict[str, Any]:
@@ -303,6 +317,45 @@ class Config(_Section):
         if data["model"].get("base_url"):
             data["model"]["base_url"] = redact_url(data["model"]["base_url"])
         return data
+
+
+class ResumeChanges:
+    """Which changes of the fingerprint a rerun into the same folder may make (the rest is refused):
+
+    - ``dataset.limit`` may grow, or go (null): the rows done are a prefix of the rows to do;
+    - with ``--retry-errors``, ``max_tokens`` (``model.`` or a prompt's) may change: only the rows
+      with errors are asked again, so a ``TruncatedAnswer`` gets its longer answer.
+
+    ``io/store.RunStore`` records each change it allows in the manifest (the card shows them).
+
+        >>> ResumeChanges(retry_errors=True).allowed("model.max_tokens", 300, 1000)
+        True
+    """
+
+    def __init__(self, *, retry_errors: bool):
+        self.retry_errors = retry_errors
+
+    def allowed(self, key: str, old: Any, new: Any) -> bool:
+        if key == "dataset.limit":
+            return old is not None and (new is None or new >= old)
+        return self.retry_errors and _only_max_tokens_differ(key, old, new)
+
+    def hint(self, key: str, old: Any, new: Any) -> str | None:
+        """Why ``key`` may not change so, when a rule says more than "it changed"."""
+        if key == "dataset.limit":
+            return "dataset.limit may grow (or be removed) to go on with the same folder, never shrink"
+        if _only_max_tokens_differ(key, old, new):
+            name = f"{key}.max_tokens" if key.startswith("prompts.") else key
+            return f"{name} may change with --retry-errors, which asks again only the rows with errors"
+        return None
+
+
+def _only_max_tokens_differ(key: str, old: Any, new: Any) -> bool:
+    if key in ("model.max_tokens", "prompt.max_tokens"):
+        return True
+    if key.startswith("prompts.") and isinstance(old, dict) and isinstance(new, dict):  # a whole prompt's values
+        return {k: v for k, v in old.items() if k != "max_tokens"} == {k: v for k, v in new.items() if k != "max_tokens"}
+    return False
 
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -125,6 +125,9 @@ class Failure(Enum):
     TRANSIENT = "transient"  # 408/409/429/5xx, timeouts, dropped connections: retry
     FATAL = "fatal"  # bad key, no permission, unknown model or endpoint: stop the run
     ROW = "row"  # this row only (400 bad image, content policy, 413, 422): an error row
+    # The connection was refused: nothing listens at the URL. Before the endpoint has ever answered
+    # it stops the run at once (a wrong URL, a server not started); after, it is a restart: retry.
+    REFUSED = "refused"
 
 
 class RequestFailed(CapstreamError):
@@ -150,7 +153,7 @@ class RequestFailed(CapstreamError):
         """``"<Kind>: <message>"`` for the error column; our kinds, not the SDK's class names."""
         if self.status is not None:
             return f"RequestError: HTTP {self.status}: {self.message}"
-        if self.failure is Failure.TRANSIENT:
+        if self.failure in (Failure.TRANSIENT, Failure.REFUSED):
             return f"ConnectionError: {self.message}"
         return f"ModelError: {self.message}"
 

@@ -18,15 +18,20 @@ No lower layer reads the config: each part gets its own sections or values here.
 
 from __future__ import annotations
 
-import tempfile
+import hashlib
+import json
+import logging
+import re
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backends.batch import BatchBackend, batches_in_flight, end_batch_round
 from .backends.local import LocalBackend
 from .backends.ray import RayBackend, RayInput  # Ray itself is imported only when that backend runs
-from .config import Config
+from .config import Config, ResumeChanges
 from .core.run import Backend, RowShape, RunCore
 from .errors import ConfigError
 from .io.hub import HubExporter
@@ -41,6 +46,8 @@ from .row.session import SessionSpec
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
 
+log = logging.getLogger("capstream")
+
 
 def session_spec(config: Config, llm: "BaseChatModel | None" = None) -> SessionSpec:
     """What every caption session of ``config`` is made of. ConfigError when the API key is unset,
@@ -53,6 +60,25 @@ def session_spec(config: Config, llm: "BaseChatModel | None" = None) -> SessionS
     cache_dir = str(config.run.cache_dir or default_cache_dir()) if config.run.cache else None
     return SessionSpec(tuple(compile_prompts(config.prompt_specs(), config.output.error_column)), config.model,
                        config.image, config.limits, config.retry, processes=config.run.workers, cache_dir=cache_dir)
+
+
+def default_output_dir(config: Config, fingerprint: dict[str, Any]) -> Path:
+    """Where a run without ``output.dir`` writes (the Python API's default), said in the log:
+    ``<run.cache_dir>/outputs/<dataset>-<hash of the fingerprint>``, so that the same call again
+    resumes there instead of leaving one more folder behind. A dataset given in code without a
+    fingerprint of its own (a stream) gets a folder of its own each time."""
+    d = config.dataset
+    named = Path(str(d.path if d.path and (d.data_files is None and d.data_dir is None) else
+                     (d.data_files if isinstance(d.data_files, str) else d.data_dir or d.path or "dataset"))).stem
+    named = re.sub(r"[^\w.-]+", "-", named).strip("-") or "dataset"
+    if "dataset.fingerprint" in fingerprint and fingerprint["dataset.fingerprint"] is None:
+        tag = uuid.uuid4().hex[:12]
+    else:
+        blob = json.dumps({**fingerprint, "run.chunk_size": config.run.chunk_size}, sort_keys=True, default=str)
+        tag = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    folder = Path(config.run.cache_dir or default_cache_dir()) / "outputs" / f"{named[:40]}-{tag}"
+    log.warning("output.dir is not set: the output goes to %s (the same call again resumes there)", folder)
+    return folder
 
 
 @dataclass
@@ -74,21 +100,23 @@ def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = 
         raise ConfigError(f"run.backend: {config.run.backend} builds the model from config.model; llm= in code "
                           "is for the local backend")
     spec = session_spec(config, llm)
-    store = RunStore(OutputLayout(config.output.dir or tempfile.mkdtemp(prefix="capstream-"), config.dataset.split))
     fingerprint = config.fingerprint()
     if data is not None:
         fingerprint["dataset.fingerprint"] = getattr(data, "_fingerprint", None)
-    store.check(fingerprint, config.run.chunk_size, overwrite=overwrite)  # before any download
+    store = RunStore(OutputLayout(config.output.dir or default_output_dir(config, fingerprint), config.dataset.split))
+    changes = ResumeChanges(retry_errors=retry_errors)
+    store.check(fingerprint, config.run.chunk_size, overwrite=overwrite, changes=changes)  # before any download
     _check_batches_in_flight(store.layout, config.run.backend, overwrite)
     if data is None or config.output.push_to_hub:
         bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
     source: Source | RayInput = (RayInput.open(config.dataset, data) if config.run.backend == "ray"
-                                 else open_source(config.dataset, data))
+                                 else open_source(config.dataset, data, hub_timeout_s=config.output.hub_timeout_s))
     shape = RowShape.of(spec.prompts, source.features, image_column=config.dataset.image_column,
                         key_column=config.dataset.key_column, error_column=config.output.error_column,
-                        base_dir=source.base_dir)
+                        base_dir=source.base_dir, metadata=config.output.metadata)
     # Everything is checked: the folder may be written now.
-    resuming = store.open(fingerprint, config.run.chunk_size, overwrite=overwrite)
+    resuming = store.open(fingerprint, config.run.chunk_size, overwrite=overwrite, changes=changes,
+                          retry_errors=retry_errors)
     store.save_config(config.redacted())
     if config.run.backend != "batch":
         end_batch_round(store.layout)
@@ -122,4 +150,4 @@ def _check_batches_in_flight(layout: OutputLayout, backend: str, overwrite: bool
             f"(capstream cancel {layout.dir})")
 
 
-__all__ = ["plan_run", "session_spec", "RunPlan"]
+__all__ = ["plan_run", "session_spec", "default_output_dir", "RunPlan"]

@@ -131,7 +131,8 @@ def test_summary_and_card_record_the_cost_the_server_counted(server, tmp_path):
 
 
 def test_max_cost_usd_needs_a_known_price(server, tmp_path):
-    config = write_config(tmp_path / "c.yaml", server.url, tmp_path / "none.parquet", tmp_path / "out",
+    data = write_parquet(tmp_path / "d.parquet", make_rows(2)[0])  # validate checks the files exist
+    config = write_config(tmp_path / "c.yaml", server.url, data, tmp_path / "out",
                           run={"max_cost_usd": 1.0})
     result = run_cli("run", str(config))
     assert result.returncode == 2 and "run.max_cost_usd" in result.stderr and "price" in result.stderr

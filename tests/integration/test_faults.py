@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from capstream import RunStopped, run
+from capstream import run
 
 from conftest import (
     check_output,
@@ -88,6 +88,8 @@ def test_bad_key_or_unknown_model_stops_at_once(server, tmp_path, status, word):
     assert word in result.stderr and "stopped" in result.stderr
     assert server.requests <= 8  # only what was in flight, not 200 rows
     assert "sk-test-secret-123" not in result.stderr
+    if status == 401:  # where the key came from, so the user knows what to fix
+        assert "environment variable FAKE_KEY" in result.stderr, result.stderr
 
 
 def test_endpoint_down_stops_with_one_message_and_resumes(server, tmp_path):
@@ -114,14 +116,63 @@ def test_endpoint_down_stops_with_one_message_and_resumes(server, tmp_path):
     assert server.requests == 100 - len(broken) - ok_before
 
 
-def test_unreachable_endpoint_stops(tmp_path, monkeypatch):
-    rows, _ = make_rows(5)
+def _closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_refused_connection_stops_at_once_naming_the_url(tmp_path):
+    """Nothing listening at base_url: one message saying so, with the URL, in a few seconds (not
+    "Request timed out" after every retry), and the run resumable."""
+    rows, _ = make_rows(50)
     data = write_parquet(tmp_path / "d.parquet", rows)
-    config = write_config(tmp_path / "c.yaml", "http://127.0.0.1:9/v1", data, tmp_path / "out",
-                          retry={"max_attempts": 2, "max_wait_s": 0.1})
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    config = write_config(tmp_path / "c.yaml", url, data, tmp_path / "out")  # default retries: 6 attempts, 60 s
+    config.write_text(config.read_text().replace("max_attempts: 4", "max_attempts: 6").replace("max_wait_s: 1", "max_wait_s: 60"))
+    started = time.monotonic()
+    result = run_cli("run", str(config))
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    assert result.stderr.count(f"nothing is listening at {url}: connection refused") == 1, result.stderr
+    assert "timed out" not in result.stderr and "rerun" in result.stderr
+
+
+def test_a_server_restarting_mid_run_is_waited_for(tmp_path, monkeypatch):
+    """Refused connections after the endpoint has answered are a restart: retried, the run completes."""
+    import threading
+
+    from capstream.testing.openai_server import FakeOpenAI
+
+    rows, broken = make_rows(60, broken_every=30)
+    first = FakeOpenAI(latency=0.05).start()
+    port = first.port
+    data = write_parquet(tmp_path / "d.parquet", rows)
+    config = write_config(tmp_path / "c.yaml", first.url, data, tmp_path / "out", limits={"max_concurrency": 2},
+                          retry={"max_attempts": 8, "max_wait_s": 2}, run={"chunk_size": 10})
     monkeypatch.setenv("FAKE_KEY", "k")
-    with pytest.raises(RunStopped, match="still failing after 2 attempts"):
-        run(str(config), show_progress=False)
+    restarted: list[FakeOpenAI] = []
+
+    def restart() -> None:
+        while first.ok < 15:
+            time.sleep(0.01)
+        first.stop()
+        time.sleep(1.0)  # refused meanwhile
+        restarted.append(FakeOpenAI(port=port).start())
+
+    thread = threading.Thread(target=restart)
+    thread.start()
+    try:
+        result = run(str(config), show_progress=False)
+    finally:
+        thread.join()
+        for server in restarted:
+            server.stop()
+    assert result.summary.complete and result.summary.retries > 0
+    check_output(tmp_path / "out", rows, broken)
 
 
 def test_a_server_echoing_the_key_does_not_leak_it(server, tmp_path, monkeypatch):

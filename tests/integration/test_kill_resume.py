@@ -241,6 +241,24 @@ def test_ctrl_c_saves_and_rerun_resumes(server, source_400, tmp_path):
     assert len(server.stats()["image_requests"]) == len(rows) - len(broken)
 
 
+def test_after_ctrl_c_the_counts_agree(server, source_400, tmp_path):
+    """The rows written plus the rows answered in chunks not written yet are the rows this run
+    answered, in the summary and in the lines printed."""
+    server.latency = 0.2
+    config = _sigint_config(server, source_400, tmp_path)
+    cli = Cli(config, tmp_path / "first.log")
+    wait_until(lambda: server.ok >= 90, cli)  # a chunk written (64 rows), the next one part way
+    cli.signal(signal.SIGINT)
+    assert cli.wait(20) == 130
+    err = cli.output()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rows"] + summary["rows_pending"] == summary["rows_this_run"] + summary["rows_from_log"]
+    assert summary["rows"] >= 64 and summary["rows_pending"] > 0, summary
+    assert f"rows: {summary['rows']} written" in err
+    assert f"; {summary['rows_pending']} more answered, in chunks not written yet" in err
+    assert f"this run: {summary['rows_this_run']} rows answered" in err
+
+
 def test_ctrl_c_at_a_terminal_with_worker_processes(server, source_400, tmp_path):
     """A terminal's Ctrl-C reaches every process of the job. Worker processes (here still starting,
     as the first requests go out) leave it to the main process, which saves and exits 130 with its

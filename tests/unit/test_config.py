@@ -93,3 +93,35 @@ def test_other_providers_go_through_init_chat_model_or_say_what_is_missing(monke
     else:
         with pytest.raises(ConfigError, match="model.provider"):
             build_chat_model(cfg.model_copy(update={"provider": "no-such-provider"}))
+
+
+def test_which_fingerprint_changes_a_rerun_may_make():
+    from capstream.config import ResumeChanges
+
+    def changed(before: dict, after: dict) -> dict:
+        old, new = config_from_dict(before).fingerprint(), config_from_dict(after).fingerprint()
+        return {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+
+    plain, retry = ResumeChanges(retry_errors=False), ResumeChanges(retry_errors=True)
+    [(key, values)] = changed({"dataset": {"limit": 10}}, {}).items()
+    assert key == "dataset.limit" and plain.allowed(key, *values)
+    assert plain.allowed(key, 10, 20) and not plain.allowed(key, 20, 10) and not plain.allowed(key, None, 10)
+    for before, after in [({"model": {"max_tokens": 50}}, {"model": {"max_tokens": 500}}),
+                          ({"prompt": {"max_tokens": 50}}, {"prompt": {"max_tokens": 500}}),
+                          ({"prompts": {"a": {"text": "x", "max_tokens": 50}}},
+                           {"prompts": {"a": {"text": "x", "max_tokens": 500}}})]:
+        [(key, values)] = changed(before, after).items()
+        assert retry.allowed(key, *values) and not plain.allowed(key, *values), key
+        assert "--retry-errors" in plain.hint(key, *values)
+    # Anything else in a prompt, or another generation parameter, is refused even so.
+    [(key, values)] = changed({"prompts": {"a": {"text": "x", "max_tokens": 50}}},
+                              {"prompts": {"a": {"text": "y", "max_tokens": 500}}}).items()
+    assert not retry.allowed(key, *values) and retry.hint(key, *values) is None
+    [(key, values)] = changed({"model": {"temperature": 0.1}}, {"model": {"temperature": 0.2}}).items()
+    assert not retry.allowed(key, *values)
+
+
+def test_output_metadata_leaves_the_fingerprint_of_older_folders_alone():
+    """A folder written before output.metadata existed has no such key: off, it is not in the fingerprint."""
+    assert "output.metadata" not in config_from_dict({}).fingerprint()
+    assert config_from_dict({"output": {"metadata": True}}).fingerprint()["output.metadata"] is True

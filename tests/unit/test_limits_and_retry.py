@@ -222,3 +222,42 @@ def test_429s_teach_a_limit_and_success_grows_it_back():
     assert len(late) / 10 >= 0.8 * 300  # settles near the real limit
     assert rejected <= 0.1 * (len(admitted) + rejected)
     assert rate is not None and rate <= 1.2 * 300
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_a_refused_connection_is_told_apart_whatever_the_sdk_calls_it(transport):
+    """The SDK's aiohttp transport says "Request timed out." for a refused connection, httpx says
+    "Connection error."; both are REFUSED (by the ConnectionRefusedError they were raised from)."""
+    import socket
+
+    from capstream.model.call import translate
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # released: nothing listens there
+
+    async def attempt() -> BaseException:
+        http = openai.DefaultAioHttpClient(timeout=5) if transport == "aiohttp" else openai.DefaultAsyncHttpxClient(timeout=5)
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, http_client=http)
+        try:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        except Exception as err:
+            return err
+        finally:
+            await http.aclose()
+        raise AssertionError("a request to a closed port answered")
+
+    err = asyncio.run(attempt())
+    assert classify(err) is Failure.REFUSED
+    failed = translate(err)
+    assert failed.failure is Failure.REFUSED and failed.as_row_error() == "ConnectionError: connection refused"
+    # capstream's own error raised while handling one (a translation made on purpose) is not read through.
+    from capstream.errors import RunStopped
+
+    try:
+        try:
+            raise err
+        except Exception:
+            raise RunStopped("nothing is listening") from None
+    except RunStopped as outer:
+        assert classify(outer) is Failure.ROW

@@ -71,12 +71,20 @@ def test_a_record_keeps_its_provenance_and_old_lines_still_read():
 
     from capstream.row.results import Provenance
 
-    answer = PromptAnswer("a cat", None, 120, 4, provenance=Provenance("m1", "stop", 840, 2, 1764600000.5))
+    bought = Provenance("m1", "stop", 840, 2, 1764600000.5, 120, 4)
+    answer = PromptAnswer("a cat", None, 120, 4, provenance=bought)
     line = LogRecord.of(3, "k", "caption", answer).to_line()
+    # The tokens its purchase counted are those the line paid: not written twice.
     assert json.loads(line) == {"i": 3, "k": "k", "p": "caption", "v": "a cat", "e": None, "ti": 120, "to": 4,
                                 "m": "m1", "f": "stop", "ms": 840, "n": 2, "t": 1764600000.5}
     again = LogRecord.from_json(json.loads(line)).answer()
     assert again.provenance == answer.provenance and again.source == "log" and again.value == "a cat"
+    # An answer re-used from an identical image paid nothing, and keeps what its purchase counted.
+    twin = PromptAnswer("a cat", None, 0, 0, source="dedup", provenance=bought)
+    line = LogRecord.of(3, "k2", "caption", twin).to_line()
+    assert json.loads(line)["ti"] == 0 and json.loads(line)["pi"] == 120 and json.loads(line)["po"] == 4
+    again = LogRecord.from_json(json.loads(line)).answer()
+    assert again.provenance == bought and (again.input_tokens, again.output_tokens) == (0, 0)
     # A line of a log written before provenance was kept: the answer reads, without provenance.
     old = LogRecord.from_json({"i": 0, "k": 1, "p": "caption", "v": "x", "e": None, "ti": 5, "to": 1})
     assert old.answer().provenance is None and old.to_line().count(b":") == 7

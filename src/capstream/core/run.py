@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from ..cost.meter import BudgetGuard, CostMeter, Prices
 from ..errors import HubError, Interrupted, RunStopped
-from ..io.card import write_card
+from ..io.card import loading_code, write_card
 from ..io.hub import HubExporter
 from ..io.results_log import LogRecord
 from ..io.source import Chunk
@@ -42,6 +43,8 @@ from .progress import ProgressBar
 
 if TYPE_CHECKING:
     from ..config import Config
+
+log = logging.getLogger("capstream.run")
 
 # Requests in flight when a run stops finish within model.timeout_s; this much more is allowed for
 # their answers to come back (over a Ray actor call, for instance) before they are given up.
@@ -60,15 +63,17 @@ class RowShape:
     error_column: str
     features: Any  # datasets.Features of the output, or None when the source's are unknown
     base_dir: str | None = None
+    metadata: bool = False  # output.metadata: each prompt's metadata columns too
 
     @classmethod
     def of(cls, prompts: Sequence[Prompt], source_features: Any, *, image_column: str, key_column: str | None,
-           error_column: str, base_dir: str | None) -> "RowShape":
+           error_column: str, base_dir: str | None, metadata: bool = False) -> "RowShape":
         """ConfigError for a placeholder naming no column, or an output column the source has."""
-        features = output_features(source_features, prompts, error_column)
+        features = output_features(source_features, prompts, error_column, metadata=metadata)
         check_placeholders(list(prompts), list(source_features) if source_features is not None else None, image_column)
         template = sorted({name for prompt in prompts for name in prompt.placeholders})
-        return cls(tuple(prompts), image_column, key_column, tuple(template), error_column, features, base_dir)
+        return cls(tuple(prompts), image_column, key_column, tuple(template), error_column, features, base_dir,
+                   metadata)
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,7 @@ class RunCore:
         self.logged = {} if self.nothing_to_do else store.logged_answers(self.skip, ok_only=retry_errors).answers
         self.rows = RowCounts()  # the rows this run captioned
         self.rows_from_log = 0  # rows whose answers an earlier run had already received
+        self.unwritten: dict[int, ChunkWork] = {}  # chunks opened whose shard is not written yet
         self.usage = Usage()  # what this run's requests paid (the backends' senders count into it)
         self.meter = CostMeter(Prices.of(config.model, batch=config.run.backend == "batch"), self.usage,
                                before=store.paid_tokens())
@@ -167,7 +173,8 @@ class RunCore:
                 self.rows_from_log += 1
             else:
                 todo.append(make())
-        return ChunkWork(chunk, results, todo)
+        work = self.unwritten[chunk.index] = ChunkWork(chunk, results, todo)
+        return work
 
     def peek_chunk(self, chunk: Chunk) -> list[RowToDo]:
         """The chunk's rows to ask, as ``open_chunk`` gives them, without taking the logged answers:
@@ -206,15 +213,24 @@ class RunCore:
         self.store.log_answer(LogRecord.of(chunk_index, key, prompt, answer))
 
     def row_done(self, work: ChunkWork, offset: int, result: RowResult) -> bool:
-        """A row the backend captioned: counted and shown; True once its chunk is complete."""
+        """A row the backend captioned: counted, shown, its error logged (INFO: ``--log-file``);
+        True once its chunk is complete."""
         self.rows.add(result)
         self.progress(result)
+        if result.error is not None:
+            log.info("row %s: %s", self._key(work, offset), result.error)
         return work.done(offset, result)
+
+    def _key(self, work: ChunkWork, offset: int) -> Any:
+        """The row's key (``dataset.key_column``), else its position in the source."""
+        column = self.shape.key_column
+        return work.chunk.columns[column][offset] if column else work.chunk.start + offset
 
     def write_shard(self, work: ChunkWork, files_read: dict[str, bytes] | None = None) -> None:
         """Write a complete chunk's shard (touches nothing shared: may run in a worker thread).
         ``files_read``: image files the session already read by path, embedded without a second read."""
-        columns = {**work.chunk.columns, **output_columns(self.shape.prompts, self.shape.error_column, work.results)}
+        columns = {**work.chunk.columns, **output_columns(self.shape.prompts, self.shape.error_column, work.results,
+                                                          metadata=self.shape.metadata)}
         self.store.write_shard(work.index, columns, self.shape.features, self.shape.base_dir, files_read)
 
     def shard_written(self, work: ChunkWork) -> None:
@@ -223,6 +239,7 @@ class RunCore:
         counts = dataclasses.replace(counts, cost_usd=_rounded(self.meter.prices.usd(counts.input_tokens,
                                                                                       counts.output_tokens)))
         self.store.mark_done(work.index, counts)
+        self.unwritten.pop(work.index, None)
         if self.exporter is not None:
             self.exporter.chunk_written(work.index)
 
@@ -257,10 +274,13 @@ class RunCore:
         started, finished = self._dates()
         return RunSummary.of_counts(
             self.store.totals(), complete=self.store.complete,
-            rows_this_run=self.rows.rows, rows_from_log=self.rows_from_log, requests=self.usage.requests,
+            rows_this_run=self.rows.rows, rows_from_log=self.rows_from_log,
+            rows_pending=sum(len(work.chunk) - work.pending for work in self.unwritten.values()),
+            requests=self.usage.requests,
             retries=self.usage.retries, worker_requests=self.usage.sent_to_processes, reused=dict(self.usage.reused),
             seconds=round(seconds, 3), rows_per_s=round(self.rows.rows / max(1e-9, seconds), 2),
             model=self.config.model.name, endpoint=self.config.model.endpoint_label(), output_dir=str(self.store.dir),
+            load_with=loading_code(self.store.layout) if self.store.layout.shard_paths() else None,
             stopped=str(failure) if failure else None,
             paid_input_tokens=paid_in, paid_output_tokens=paid_out, cost_usd=_rounded(self.meter.total_usd()),
             cost_usd_this_run=_rounded(self.meter.this_run_usd()), prices=self.meter.prices.as_dict(),

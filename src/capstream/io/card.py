@@ -5,6 +5,12 @@ shards' own parquet schema) so that both the Hub's viewer and ``datasets.load_da
 find and type them; its body says what was run and what came out. Nothing here reads a secret: the
 config it shows is ``Config.redacted()`` and the endpoint is shown as provider and host only.
 
+The local folder's card names no ``configs`` when datasets finds the shards without them (the
+splits ``train``, ``validation``, ``test``): datasets 5.2 keys its cache of a local folder whose card
+names ``configs`` by the folder's name and the card alone, not by the files, so it would serve the
+rows of its first load after a resume or ``--retry-errors`` rewrote shards. Without ``configs`` it
+resolves the files itself and keys the cache by their paths and modification times.
+
     >>> text = render_card(store.dir, config, summary, CardLayout(split="train", data_glob="data/train-*.parquet"))
     >>> write_card(store.layout, config, summary)      # the local README.md, for the local layout
 """
@@ -22,9 +28,11 @@ import yaml
 
 from .. import __version__
 from ..config import Config
+from ..errors import ConfigError
 from ..row.prompts import Prompt, compile_prompts
 from .files import atomic_write_bytes
 from .layout import OutputLayout
+from .store import Manifest, SettingsChange
 from .summary import RunSummary
 
 
@@ -37,6 +45,7 @@ class CardLayout:
     config_name: str = "default"
     repo_id: str | None = None  # for the loading example
     other_configs: list[dict[str, Any]] = field(default_factory=list)  # entries already in the repo's card
+    name_configs: bool = True  # False: datasets finds the shards by its own patterns (see the module's docstring)
 
 
 def _sample_rows(shards: list[Path], config: Config, column: str, n: int = 5) -> list[tuple[str, str]]:
@@ -61,6 +70,14 @@ def _prompt_lines(prompt: Prompt, named: bool) -> list[str]:
     if prompt.schema is not None:
         lines += ["Answer schema (JSON, strict):", "", "```json", json.dumps(prompt.schema.json_schema(), indent=2), "```", ""]
     return lines
+
+
+def _metadata_sentence(prompts: list[Prompt]) -> str:
+    names = ", ".join(f"`{prompt.name}_*`" for prompt in prompts)
+    return (f" {names}: how each answer was bought, from the provider's response: `_model` (the model that "
+            "answered), `_finish_reason`, `_input_tokens` / `_output_tokens` (its request's usage), `_latency_ms`, "
+            "`_attempts` and `_answered_at` (UTC); an answer re-used from capstream's response cache keeps those "
+            "of its purchase, and a row without an answer has nulls.")
 
 
 def _features_yaml(shards: list[Path]) -> list[dict] | None:
@@ -91,7 +108,7 @@ def _header(layout: CardLayout, features: list[dict] | None) -> dict[str, Any]:
         else:
             configs.append(entry)
     configs.append(ours)
-    header: dict[str, Any] = {"configs": configs}
+    header: dict[str, Any] = {"configs": configs} if layout.name_configs else {}
     if features and len(configs) == 1:  # with several configs, each keeps the features its own shards carry
         header["dataset_info"] = {"config_name": layout.config_name, "features": features}
     header["tags"] = ["capstream", "image-captioning", "synthetic-captions"]
@@ -99,7 +116,18 @@ def _header(layout: CardLayout, features: list[dict] | None) -> dict[str, Any]:
     return header
 
 
-def _settings_table(config: Config, summary: RunSummary) -> list[str]:
+def _change_text(change: SettingsChange) -> str:
+    values = []
+    for key, (old, new) in change.changed.items():
+        if isinstance(old, dict) and isinstance(new, dict):  # a whole prompt (prompts.<name>): what differs in it
+            values += [f"`{key}.{k}` {json.dumps(old.get(k))} → {json.dumps(new.get(k))}"
+                       for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        else:
+            values.append(f"`{key}` {json.dumps(old)} → {json.dumps(new)}")
+    return f"{change.at}{' (--retry-errors)' if change.retry_errors else ''}: {'; '.join(values)}"
+
+
+def _settings_table(config: Config, summary: RunSummary, changes: list[SettingsChange]) -> list[str]:
     m, d, img = config.model, config.dataset, config.image
     rows = [
         ("model", f"`{m.name}`"),
@@ -111,6 +139,7 @@ def _settings_table(config: Config, summary: RunSummary) -> list[str]:
                        f"max_tokens {m.max_tokens}"),
         ("capstream", __version__),
     ]
+    rows += [("changed by a rerun", _change_text(change)) for change in changes]
     if summary.started:
         rows.append(("started", summary.started))
     if summary.finished:
@@ -156,7 +185,8 @@ def render_card(out_dir: Path, config: Config, summary: RunSummary, layout: Card
         f"`{m.name}` ({m.endpoint_label()}) with the prompt{'s' if len(prompts) > 1 else ''} below. "
         f"Column{'s' if len(columns) > 1 else ''} {', '.join(f'`{c}`' for c in columns)} hold"
         f"{'' if len(columns) > 1 else 's'} the answer{'s' if len(columns) > 1 else ''}; "
-        f"`{out.error_column}` says why a row has none (`<Kind>: <message>`).",
+        f"`{out.error_column}` says why a row has none (`<Kind>: <message>`)."
+        + (_metadata_sentence(prompts) if out.metadata else ""),
         "",
         "```python",
         "import datasets",
@@ -166,7 +196,7 @@ def render_card(out_dir: Path, config: Config, summary: RunSummary, layout: Card
         *[line for p in prompts for line in _prompt_lines(p, len(prompts) > 1)],
         "## What was run",
         "",
-        *_settings_table(config, summary),
+        *_settings_table(config, summary, _changes(out_dir, config)),
         "",
         "## Counts",
         "",
@@ -191,8 +221,42 @@ def render_card(out_dir: Path, config: Config, summary: RunSummary, layout: Card
     return "\n".join(lines)
 
 
+def _changes(out_dir: Path, config: Config) -> list[SettingsChange]:
+    """The settings reruns changed, as the folder's manifest records them (none when unreadable)."""
+    try:
+        manifest = Manifest.read(OutputLayout(out_dir, config.dataset.split))
+    except ConfigError:
+        return []
+    return manifest.changes if manifest is not None else []
+
+
+def found_by_datasets(layout: OutputLayout) -> bool:
+    """Whether ``datasets.load_dataset(folder)``, given a card without ``configs``, finds exactly the
+    folder's shards under its split (datasets' own default patterns: ``data/train-*`` and the like)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    shards = sorted(p.resolve().as_posix() for p in layout.shard_paths())
+    if not shards:
+        return False
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(layout.dir.resolve().as_posix()),
+                                            base_path=layout.dir.resolve().as_posix())
+    except Exception:  # datasets finds no data, or reads folders otherwise in another version: name the configs
+        return False
+    return {str(split) for split in found} == {layout.split} and sorted(found[layout.split]) == shards
+
+
+def loading_code(layout: OutputLayout) -> str:
+    """The Python line that loads the folder's rows as they are now: ``datasets.load_dataset`` when
+    datasets finds the shards by its own patterns, else ``capstream.load_output``."""
+    if found_by_datasets(layout):
+        return f'datasets.load_dataset("{layout.dir}", split="{layout.split}")'
+    return f'capstream.load_output("{layout.dir}")'
+
+
 def write_card(layout: OutputLayout, config: Config, summary: RunSummary) -> None:
-    """Write ``README.md`` for the output folder: YAML header for the Hub, then what was run."""
-    card = CardLayout(split=layout.split, data_glob=layout.shard_glob)
+    """Write ``README.md`` for the output folder: YAML header, then what was run. It names
+    ``configs`` only when datasets would not find the shards without them (see the module's docstring)."""
+    card = CardLayout(split=layout.split, data_glob=layout.shard_glob, name_configs=not found_by_datasets(layout))
     text = render_card(layout.dir, config, summary, card, shards=layout.shard_paths())
     atomic_write_bytes(layout.card, text.encode("utf-8"))

@@ -31,8 +31,12 @@ SEGMENT_SUFFIX = ".summary.json"  # next to a sealed segment: its chunks and pai
 
 
 # How an answer was bought (row.results.Provenance), under its keys in a log line. Logs written
-# before capstream recorded it have none of them: their answers have no provenance.
-_PROVENANCE_KEYS = {"model": "m", "finish_reason": "f", "latency_ms": "ms", "attempts": "n", "answered_at": "t"}
+# before capstream recorded it have none of them: their answers have no provenance. The tokens its
+# purchase counted ("pi", "po") are written only when they differ from the tokens this line paid
+# ("ti", "to": an answer re-used from the cache or an identical image paid nothing).
+_PROVENANCE_KEYS = {"model": "m", "finish_reason": "f", "latency_ms": "ms", "attempts": "n", "answered_at": "t",
+                    "input_tokens": "pi", "output_tokens": "po"}
+_PAID_KEYS = {"input_tokens": "ti", "output_tokens": "to"}
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,16 @@ class LogRecord:
                 "ti": self.input_tokens, "to": self.output_tokens}
         if self.provenance is not None:
             data.update({key: getattr(self.provenance, name) for name, key in _PROVENANCE_KEYS.items()
-                         if getattr(self.provenance, name) is not None})
+                         if getattr(self.provenance, name) is not None
+                         and getattr(self.provenance, name) != data.get(_PAID_KEYS.get(name))})
         return (json.dumps(data, ensure_ascii=False) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LogRecord":
         provenance = None
         if any(key in data for key in _PROVENANCE_KEYS.values()):
-            provenance = Provenance(**{name: data.get(key) for name, key in _PROVENANCE_KEYS.items()})
+            provenance = Provenance(**{name: data.get(key, data.get(_PAID_KEYS.get(name)))
+                                       for name, key in _PROVENANCE_KEYS.items()})
         return cls(data["i"], data["k"], data["p"], data.get("v"), data.get("e"), data.get("ti") or 0,
                    data.get("to") or 0, provenance)
 

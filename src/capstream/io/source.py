@@ -10,6 +10,7 @@ first corrupt image and would make us re-encode every image when writing the out
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from dataclasses import dataclass
@@ -59,6 +60,17 @@ class Source:
     def num_rows(self) -> int | None:
         return None if self.streaming else len(self.data)
 
+    def announced_rows(self, split: str, limit: int | None) -> int | None:
+        """The rows to caption: counted when loaded; for a stream, as its metadata announces them
+        (``limit`` applied), or None when it does not say."""
+        if not self.streaming:
+            return len(self.data)
+        splits = self.data.info.splits if self.data.info else None
+        info = splits.get(split) if splits else None
+        if not info or not info.num_examples:  # 0 in metadata means "not recorded" in practice
+            return None
+        return info.num_examples if limit is None else min(limit, info.num_examples)
+
     def chunks(self, chunk_size: int, skip: set[int] = frozenset()) -> Iterator[Chunk]:
         """Consecutive chunks of ``chunk_size`` rows; chunks whose index is in ``skip`` are not yielded."""
         if not self.streaming:
@@ -100,12 +112,42 @@ def _cast_images(ds: datasets.Dataset | datasets.IterableDataset, column: str):
     return ds
 
 
-def open_source(cfg: DatasetConfig, data: Any = None) -> Source:
-    """Open ``data`` (a Dataset / IterableDataset / DatasetDict) or what ``cfg`` names."""
+def check_local_paths(cfg: DatasetConfig) -> None:
+    """ConfigError naming the key when ``dataset.data_dir`` or ``dataset.data_files`` name local
+    files that are not there (checked without reading any data). Paths inside a Hub repo, and URLs,
+    are left to the load: they cannot be checked offline."""
+    if not cfg.path:
+        raise ConfigError("dataset.path: required (a Hub dataset id, a local folder, or a builder such as parquet)")
+    local_folder = os.path.isdir(cfg.path)
+    if not local_folder and (os.path.exists(cfg.path) or _HUB_ID.fullmatch(cfg.path)):
+        return  # a file, or a Hub repo: data_dir / data_files are inside it
+    # As datasets resolves them: under the folder (dataset.path) or the data_dir, else the current folder.
+    base = cfg.path if local_folder else ""
+    if cfg.data_dir is not None and not _is_url(cfg.data_dir):
+        base = os.path.join(base, cfg.data_dir)
+        if not os.path.isdir(base):
+            raise ConfigError(f"dataset.data_dir: no folder {cfg.data_dir!r}"
+                              + (f" in {cfg.path!r}" if local_folder else f" (in {os.getcwd()})"))
+    files = cfg.data_files
+    patterns = ([files] if isinstance(files, str) else list(files) if isinstance(files, list)
+                else [p for v in files.values() for p in ([v] if isinstance(v, str) else v)] if isinstance(files, dict)
+                else [])
+    for pattern in patterns:
+        if not _is_url(pattern) and not glob.glob(os.path.join(base, os.path.expanduser(pattern)), recursive=True):
+            raise ConfigError(f"dataset.data_files: nothing matches {pattern!r} (in {os.path.abspath(base or '.')})")
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def open_source(cfg: DatasetConfig, data: Any = None, *, hub_timeout_s: float = 30.0) -> Source:
+    """Open ``data`` (a Dataset / IterableDataset / DatasetDict) or what ``cfg`` names
+    (``hub_timeout_s``: ``output.hub_timeout_s``, for the Hub's first answer)."""
     from_config = data is None
     if data is None:
-        if not cfg.path:
-            raise ConfigError("dataset.path: required (a Hub dataset id, a local folder, or a builder such as parquet)")
+        check_local_paths(cfg)
+        check_hub_dataset(cfg, hub_timeout_s)
         data = _load(cfg)
     if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if cfg.split not in data:
@@ -121,6 +163,34 @@ def open_source(cfg: DatasetConfig, data: Any = None) -> Source:
         # A Hub repo: image paths relative to the repo's root are read from the repo (images.py, hf://).
         base_dir = f"hf://datasets/{cfg.path}@{quote(cfg.revision or 'main', safe='')}"
     return Source(data=data, image_column=cfg.image_column, base_dir=base_dir)
+
+
+def check_hub_dataset(cfg: DatasetConfig, timeout_s: float) -> None:
+    """For a ``dataset.path`` that is no local path but a Hub id: ask the Hub once, quickly, whether
+    it has it, so that a typo or a Hub out of reach is one clear line, not datasets' many retries
+    (huggingface_hub retries each file's metadata five times, about 25 s). ConfigError when the Hub
+    says there is no such dataset (or revision); RunStopped when it cannot be reached. Offline
+    (``HF_HUB_OFFLINE``): nothing asked, datasets reads its cache."""
+    import httpx2
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if os.path.exists(cfg.path) or not _HUB_ID.fullmatch(cfg.path) or constants.HF_HUB_OFFLINE:
+        return
+    where = f"dataset.path: {cfg.path!r} is no local file or folder"
+    try:
+        HfApi().dataset_info(cfg.path, revision=cfg.revision, timeout=timeout_s, files_metadata=False)
+    except GatedRepoError:
+        return  # it exists: datasets says what access it needs
+    except RevisionNotFoundError:
+        raise ConfigError(f"dataset.revision: the Hub dataset {cfg.path!r} has no revision {cfg.revision!r}") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{where}, and the Hub ({constants.ENDPOINT}) has no dataset of that name that this "
+                          "login may read (log in with `hf auth login` or set HF_TOKEN for a private one)") from None
+    except (httpx2.TransportError, OSError) as err:
+        raise RunStopped(f"{where}, and the Hub ({constants.ENDPOINT}) cannot be reached: {err}") from None
+    except HfHubHTTPError:
+        return  # another answer of the Hub: datasets reads it and says what it means
 
 
 def _load(cfg: DatasetConfig):

@@ -7,17 +7,18 @@ rest (``results_log.py``), so no answer is paid for twice. The names of the file
 
     >>> store = RunStore(OutputLayout("out/run", "train"))
     >>> store.check(fingerprint, chunk_size=1000)   # ConfigError: a run made with other settings
-    >>> store.open(fingerprint, chunk_size=1000)
+    >>> store.open(fingerprint, chunk_size=1000, changes=ResumeChanges(retry_errors=False))
     >>> store.log_answer(LogRecord.of(0, key, "caption", answer))
     >>> store.write_shard(0, columns, features); store.mark_done(0, RowCounts.of(results))
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,10 +31,37 @@ from .layout import OutputLayout
 from .results_log import LoggedAnswers, LogRecord, ResultsLog, paid_tokens, read_answers, remove_log, repair_tail
 
 
+class MayChange(Protocol):
+    """Which fingerprint changes a rerun may make (``config.ResumeChanges``)."""
+
+    def allowed(self, key: str, old: Any, new: Any) -> bool: ...
+
+    def hint(self, key: str, old: Any, new: Any) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class SettingsChange:
+    """Settings a rerun changed in the folder's fingerprint (``config.ResumeChanges`` says which
+    may): when, each key's value before and after, and whether the rerun was ``--retry-errors``."""
+
+    at: str  # ISO 8601, UTC
+    changed: dict[str, tuple[Any, Any]]
+    retry_errors: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "changed": {k: list(v) for k, v in self.changed.items()}, "retry_errors": self.retry_errors}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SettingsChange":
+        return cls(data.get("at") or "", {k: tuple(v) for k, v in (data.get("changed") or {}).items()},
+                   bool(data.get("retry_errors")))
+
+
 @dataclass
 class Manifest:
     """``.capstream/manifest.json``: what the folder's run is (its fingerprint and chunk size) and
-    which chunks are done, with their counts. Written last, atomically, after each shard."""
+    which chunks are done, with their counts, and the settings reruns changed. Written last,
+    atomically, after each shard."""
 
     fingerprint: dict[str, Any]
     chunk_size: int
@@ -41,6 +69,7 @@ class Manifest:
     done: dict[int, RowCounts] = field(default_factory=dict)
     complete: bool = False
     chunks: int | None = None  # how many chunks the input has, once read to its end
+    changes: list[SettingsChange] = field(default_factory=list)
 
     @classmethod
     def read(cls, layout: OutputLayout) -> "Manifest | None":
@@ -50,14 +79,27 @@ class Manifest:
             return None
         return cls(data.get("fingerprint") or {}, data.get("chunk_size"), data.get("split") or layout.split,
                    {int(i): RowCounts.from_json(c) for i, c in (data.get("done") or {}).items()},
-                   bool(data.get("complete")), data.get("chunks"))
+                   bool(data.get("complete")), data.get("chunks"),
+                   [SettingsChange.from_json(c) for c in data.get("changes") or []])
 
     def to_json(self) -> dict[str, Any]:
         data = {"fingerprint": self.fingerprint, "chunk_size": self.chunk_size, "split": self.split,
                 "done": {str(i): c.to_json() for i, c in sorted(self.done.items())}, "complete": self.complete}
         if self.chunks is not None:
             data["chunks"] = self.chunks
+        if self.changes:
+            data["changes"] = [c.to_json() for c in self.changes]
         return data
+
+    def change(self, fingerprint: dict[str, Any], change: SettingsChange) -> None:
+        """A rerun changed these settings: the folder's fingerprint is the new one from now on. When
+        the rows may grow (``dataset.limit``), a short last chunk is done no longer: the rerun reads
+        it whole (its logged answers re-used), and the input's end is not known any more."""
+        self.fingerprint = dict(fingerprint)
+        self.changes.append(change)
+        if "dataset.limit" in change.changed:
+            self.done = {i: c for i, c in self.done.items() if c.rows >= self.chunk_size}
+            self.complete, self.chunks = False, None
 
     def finish(self, total_chunks: int) -> None:
         """The input has ``total_chunks`` chunks: complete once each is done."""
@@ -93,24 +135,33 @@ class RunStore:
 
     # -- opening, fingerprint, resume --------------------------------------------------------------
 
-    def check(self, fingerprint: dict[str, Any], chunk_size: int, *, overwrite: bool = False) -> None:
-        """ConfigError when the folder holds a run made with other settings (and not ``overwrite``)."""
+    def check(self, fingerprint: dict[str, Any], chunk_size: int, *, overwrite: bool = False,
+              changes: MayChange | None = None) -> dict[str, tuple[Any, Any]]:
+        """The settings that differ from the folder's run and that ``changes`` allows (key -> before,
+        after); ConfigError when the folder holds a run made with others (and not ``overwrite``)."""
         saved = None if overwrite else Manifest.read(self.layout)
         if saved is None:
-            return
-        changed = sorted(k for k in set(fingerprint) | set(saved.fingerprint)
-                         if fingerprint.get(k) != saved.fingerprint.get(k))
+            return {}
+        differ = {k: (saved.fingerprint.get(k), fingerprint.get(k)) for k in sorted(set(fingerprint) | set(saved.fingerprint))
+                  if fingerprint.get(k) != saved.fingerprint.get(k)}
+        allowed = {k: v for k, v in differ.items() if changes is not None and changes.allowed(k, *v)}
+        refused = [k for k in differ if k not in allowed]
         if saved.chunk_size != chunk_size:
-            changed.append("run.chunk_size")
-        if changed:
+            refused.append("run.chunk_size")
+        if refused:
+            hints = [h for k in refused if k in differ and changes is not None and (h := changes.hint(k, *differ[k]))]
             raise ConfigError(
                 f"output.dir {str(self.dir)!r} holds a run made with other settings "
-                f"(changed: {', '.join(changed)}); use another output.dir, or --overwrite to start again")
+                f"(changed: {', '.join(refused)}); use another output.dir, or --overwrite to start again"
+                + "".join(f"; {hint}" for hint in hints))
+        return allowed
 
-    def open(self, fingerprint: dict[str, Any], chunk_size: int, *, overwrite: bool = False) -> bool:
+    def open(self, fingerprint: dict[str, Any], chunk_size: int, *, overwrite: bool = False,
+             changes: MayChange | None = None, retry_errors: bool = False) -> bool:
         """Start or resume; True when an earlier run is resumed. A state made with other settings
-        refuses (ConfigError) unless ``overwrite``, which discards it."""
-        self.check(fingerprint, chunk_size, overwrite=overwrite)
+        refuses (ConfigError) unless ``changes`` allows them (recorded in the manifest) or
+        ``overwrite``, which discards it."""
+        changed = self.check(fingerprint, chunk_size, overwrite=overwrite, changes=changes)
         if overwrite and self.dir.exists():
             self._clear()
         self.manifest = Manifest.read(self.layout)
@@ -118,6 +169,10 @@ class RunStore:
         if self.manifest is None:
             self.manifest = Manifest(fingerprint, chunk_size, self.split)
             self.layout.state.mkdir(parents=True, exist_ok=True)
+            self._save_manifest()
+        elif changed:
+            at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.manifest.change(fingerprint, SettingsChange(at, changed, retry_errors))
             self._save_manifest()
         for log in self.layout.results_logs():
             repair_tail(log)
@@ -243,4 +298,4 @@ def _embed_image_files(values: list, base_dir: str | None, files_read: dict[str,
     return out
 
 
-__all__ = ["RunStore", "Manifest"]
+__all__ = ["RunStore", "Manifest", "SettingsChange", "MayChange"]

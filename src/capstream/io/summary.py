@@ -47,6 +47,7 @@ class RunSummary:
     # this run
     rows_this_run: int = 0
     rows_from_log: int = 0  # rows whose answers an earlier run into the folder had received
+    rows_pending: int = 0  # rows answered (this run, or from the log) in chunks not written yet: the rerun writes them
     requests: int = 0
     retries: int = 0
     worker_requests: int = 0  # attempts sent from worker processes (every one, on Ray)
@@ -56,6 +57,7 @@ class RunSummary:
     model: str | None = None
     endpoint: str | None = None
     output_dir: str | None = None
+    load_with: str | None = None  # the Python line that loads the output folder
     stopped: str | None = None  # why the run stopped early; None when it did not
     # money, all runs into the folder
     paid_input_tokens: int = 0

@@ -71,7 +71,9 @@ def translate(exc: BaseException) -> RequestFailed:
     status = status_of(exc)
     failure = classify(exc)
     text = message or str(exc) or type(exc).__name__
-    if status is None and failure is not Failure.TRANSIENT:
+    if failure is Failure.REFUSED:
+        text = "connection refused"  # the SDK may call it "Request timed out."
+    elif status is None and failure is not Failure.TRANSIENT:
         text = f"{type(exc).__name__}: {text}"
     headers = getattr(getattr(exc, "response", None), "headers", None)
     return RequestFailed(failure, text, status, retry_after_s(exc), _rate_headers(headers))

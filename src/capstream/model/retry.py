@@ -6,6 +6,9 @@ Failures are classified by exception *type* and HTTP status, never by message te
   backoff, honouring ``retry-after-ms`` / ``Retry-After`` when the server sends them.
 * ``FATAL``: would fail every row (bad key, no permission, unknown model or endpoint). Stops the run.
 * ``ROW``: belongs to this row only (400 bad image, content policy, 413, 422). Recorded, run goes on.
+* ``REFUSED``: the connection was refused (a ``ConnectionRefusedError`` under the SDK's error):
+  nothing listens there. Retried as transient once the endpoint has answered (``sending.Sender``
+  stops the run at once before that).
 
 The OpenAI SDK's own retries are turned off (``max_retries=0``) so this is the only retry loop and
 every attempt goes through the rate limiter.
@@ -27,7 +30,7 @@ import openai
 from tenacity import AsyncRetrying, retry_if_exception, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
-from ..errors import Failure, InvalidAnswer, RequestFailed
+from ..errors import CapstreamError, Failure, InvalidAnswer, RequestFailed
 
 _FATAL_STATUSES = {401, 402, 403, 404, 405}
 _TRANSIENT_STATUSES = {408, 409, 425, 429}
@@ -48,10 +51,26 @@ def status_of(exc: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
+def connection_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised from a refused connection (a ``ConnectionRefusedError`` anywhere
+    in the errors it was raised from or while handling: httpcore raises its own "from None"). The
+    SDK's aiohttp transport reports one as ``APITimeoutError("Request timed out.")``. capstream's
+    own errors are translations made on purpose: not read through."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and not isinstance(exc, CapstreamError):
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def classify(exc: BaseException) -> Failure:
     """Decide what a failed request means for the run."""
     if isinstance(exc, RequestFailed):
         return exc.failure
+    if connection_refused(exc):
+        return Failure.REFUSED
     if isinstance(exc, (openai.APIConnectionError, httpx.TransportError, asyncio.TimeoutError, ConnectionError)):
         return Failure.TRANSIENT  # includes openai.APITimeoutError (a subclass of APIConnectionError)
     status = status_of(exc)
@@ -107,12 +126,16 @@ class wait_retry_after(wait_base):
 
 
 def is_transient(exc: BaseException) -> bool:
-    return classify(exc) is Failure.TRANSIENT
+    return classify(exc) in (Failure.TRANSIENT, Failure.REFUSED)
 
 
-def request_retrying(*, max_attempts: int, max_wait_s: float, initial_wait_s: float = 0.5, sleep=None) -> AsyncRetrying:
-    """The tenacity policy for model requests: only transient failures, jittered exponential backoff."""
+def request_retrying(*, max_attempts: int, max_wait_s: float, initial_wait_s: float = 0.5, sleep=None,
+                     before_sleep=None) -> AsyncRetrying:
+    """The tenacity policy for model requests: only transient failures, jittered exponential backoff
+    (``before_sleep(retry_state)``: told of each attempt tried again)."""
     kwargs = {"sleep": sleep} if sleep is not None else {}
+    if before_sleep is not None:
+        kwargs["before_sleep"] = before_sleep
     return AsyncRetrying(
         stop=stop_after_attempt(max_attempts),
         wait=wait_retry_after(wait_random_exponential(multiplier=initial_wait_s, max=max_wait_s), max_wait_s),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +32,10 @@ from .call import Answer, ImageRequest, ModelCall
 from .chat_models import async_http_client, build_chat_model, shares_default_http_client, with_http_client
 from .processes import ProcessPool
 from .retry import request_retrying
-from .settings import OPENAI_COMPATIBLE, ModelConfig
+from .settings import OPENAI_COMPATIBLE, ModelConfig, redact_url
+
+
+log = logging.getLogger("capstream.requests")
 
 
 @dataclass
@@ -73,14 +77,23 @@ class Limits(Protocol):
 
 @dataclass(frozen=True)
 class Refusal:
-    """How a request that stops the run is described: the endpoint and the model asked for."""
+    """How a request that stops the run is described: the endpoint, its URL (credentials masked)
+    and the model asked for, and the variable the key came from."""
 
     endpoint: str
     model: str
     secret: str | None = None  # scrubbed from every message: a server may echo part of the key
+    url: str | None = None
+    key_env: str | None = None  # model.api_key_env, when the key was read from it
 
     def scrub(self, text: str) -> str:
         return text.replace(self.secret, "***") if self.secret else text
+
+    def unauthorized(self) -> str:
+        """What to check when the endpoint answers 401."""
+        if self.key_env:
+            return f"the key sent came from the environment variable {self.key_env} (model.api_key_env)"
+        return "no key was sent from capstream's config: set model.api_key_env to the variable holding one"
 
 
 def open_model_call(model: ModelConfig, *, llm: BaseChatModel | None = None, processes: int = 1) -> ModelCall | ProcessPool:
@@ -113,6 +126,7 @@ class Sender:
         self.stopping = stopping  # set: requests not yet sent are not sent (NotSent)
         self.refusal = refusal
         self.before_send = before_send or (lambda: None)  # may raise RunStopped (cost.meter.BudgetGuard)
+        self.reached = False  # the endpoint has answered (anything, errors included) at least once
 
     async def send(self, request: ImageRequest, tokens: int) -> Answer:
         """The answer; ``RequestFailed`` when the row's request is refused; ``RunStopped`` when the
@@ -124,13 +138,15 @@ class Sender:
                 raise
             error = self.refusal.scrub(failed.as_row_error())
             if failed.failure is Failure.FATAL:
-                raise RunStopped(f"{self.refusal.endpoint} refused model {self.refusal.model!r}: {error}") from None
+                hint = f"; {self.refusal.unauthorized()}" if failed.status == 401 else ""
+                raise RunStopped(f"{self.refusal.endpoint} refused model {self.refusal.model!r}: {error}{hint}") from None
             raise RunStopped(f"{self.refusal.endpoint} still failing after {self.max_attempts} attempts: "
                              f"{error}") from None
 
     async def _send_with_retries(self, request: ImageRequest, tokens: int) -> Answer:
         """Each attempt waits for a slot and the rate limits, and teaches them."""
-        async for attempt in request_retrying(max_attempts=self.max_attempts, max_wait_s=self.max_wait_s):
+        async for attempt in request_retrying(max_attempts=self.max_attempts, max_wait_s=self.max_wait_s,
+                                              before_sleep=self._log_retry):
             with attempt:
                 async with self.slots:
                     await self.limits.acquire(tokens)
@@ -144,13 +160,23 @@ class Sender:
                         answer = await self.call(request)
                     except RequestFailed as failed:
                         self.limits.observe(failed.headers, rate_limited=failed.status == 429)
+                        if failed.failure is Failure.REFUSED and not self.reached:
+                            raise RunStopped(f"nothing is listening at {self.refusal.url or self.refusal.endpoint}: "
+                                             "connection refused (is the server running, at that address?)") from None
+                        self.reached = self.reached or failed.status is not None
                         raise
+                    self.reached = True
                     self.limits.observe(answer.headers, rate_limited=False)
                     # Counted now, before the slot is free: the budget check of the next request sees it.
                     self.usage.add_paid(answer.input_tokens, answer.output_tokens)
                     return dataclasses.replace(answer, latency_ms=round((time.monotonic() - started) * 1000),
                                                attempts=number)
         raise AssertionError("unreachable: tenacity reraises the last error")
+
+    def _log_retry(self, state: Any) -> None:
+        """INFO (``--log-file``): each failed attempt that is tried again, and when."""
+        log.info("attempt %d failed (%s); trying again in %.1f s", state.attempt_number,
+                 self.refusal.scrub(str(state.outcome.exception())), state.next_action.sleep)
 
     async def aclose(self) -> None:
         """Close the model call (its HTTP client, its worker processes); call on the sender's loop."""
@@ -161,7 +187,17 @@ class Sender:
 
 def describe_refusal(model: ModelConfig, llm: Any = None) -> Refusal:
     """The ``Refusal`` of a run whose model ``model`` describes (``llm``: a model given in code)."""
-    return Refusal(model.endpoint_label(), model.name, None if llm is not None else model.api_key())
+    if llm is not None:
+        return Refusal(model.endpoint_label(), model.name, url=_llm_url(llm))
+    key = model.api_key()
+    return Refusal(model.endpoint_label(), model.name, key, model.endpoint_url(),
+                   model.api_key_env if key is not None else None)
+
+
+def _llm_url(llm: Any) -> str | None:
+    """The URL a chat model given in code sends to, where LangChain's OpenAI models say it."""
+    url = getattr(llm, "openai_api_base", None) or getattr(llm, "azure_endpoint", None)
+    return redact_url(url) if isinstance(url, str) else None
 
 
 __all__ = ["Usage", "Limits", "Refusal", "Sender", "open_model_call", "describe_refusal"]

@@ -89,6 +89,12 @@ class ModelConfig(BaseModel):
         parts = urlsplit(self.base_url)
         return f"{self.provider} at {parts.hostname or '?'}{f':{parts.port}' if parts.port else ''}"
 
+    def endpoint_url(self) -> str | None:
+        """The URL requests go to (credentials masked): ``base_url``, or OpenAI's own API."""
+        if self.base_url:
+            return redact_url(self.base_url)
+        return "https://api.openai.com/v1" if self.provider == "openai" else None
+
     def identity(self) -> dict[str, object]:
         """What decides this model's answers, for the response cache's keys (no secret in it)."""
         return {"provider": self.provider, "model": self.name,

@@ -7,13 +7,17 @@ prepared image's bytes). Only good answers are stored; error answers are asked a
 ``ResponseCache`` is one SQLite file (``<cache_dir>/responses.sqlite3``) in WAL mode: readers never
 block, and two runs writing at once take turns (SQLite's file lock, with a busy timeout), so the
 cache is safe to share between concurrent runs. ``RecentAnswers`` is the stand-in when the cache is
-off (``run.cache: false``): it still lets identical images within one run cost one request.
+off (``run.cache: false``): it still lets identical images within one run cost one request. Each
+answer keeps how it was bought (its ``Provenance``: a table of its own, so a cache file written by
+an earlier capstream is read, and written, by both).
 
     >>> cache = ResponseCache("/tmp/capstream-cache")
     >>> key = content_key({"model": "gpt-4o-mini", "text": "Caption this."}, image_sha256="ab12...")
     >>> cache.put(key, "a red square", input_tokens=120, output_tokens=4)
     >>> cache.get(key)
     'a red square'
+    >>> cache.get_answer(key).provenance.input_tokens
+    120
 """
 
 from __future__ import annotations
@@ -25,13 +29,23 @@ import os
 import sqlite3
 import time
 from collections import OrderedDict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
-_MISSING = object()
+from .results import Provenance
+
 log = logging.getLogger("capstream")
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    """An answer bought before, and how (None: an answer kept without its provenance)."""
+
+    value: Any
+    provenance: Provenance | None = None
 
 
 def content_key(request: dict[str, Any], image_sha256: str) -> str:
@@ -72,26 +86,43 @@ class ResponseCache:
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash may lose the last answers, never corrupts
             self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
                              "input_tokens INTEGER, output_tokens INTEGER, created REAL)")
+            # How each answer was bought, apart: the answers table keeps the shape earlier versions write.
+            self._db.execute("CREATE TABLE IF NOT EXISTS provenance (key TEXT PRIMARY KEY, data TEXT NOT NULL)")
         except (OSError, sqlite3.Error) as err:
             self._give_up(err)
 
     def get(self, key: str) -> Any:
         """The stored answer (text, or a schema's fields as a dict), or None."""
+        found = self.get_answer(key)
+        return found.value if found is not None else None
+
+    def get_answer(self, key: str) -> CachedAnswer | None:
+        """The stored answer and how it was bought (an answer stored by an earlier version: its
+        tokens and the time it was stored), or None."""
         if self._db is None:
             return None
         try:
-            row = self._db.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
+            row = self._db.execute("SELECT a.value, a.input_tokens, a.output_tokens, a.created, p.data FROM answers a "
+                                   "LEFT JOIN provenance p ON p.key = a.key WHERE a.key = ?", (key,)).fetchone()
         except sqlite3.Error as err:
             self._give_up(err)
             return None
-        return json.loads(row[0]) if row else None
+        if row is None:
+            return None
+        value, input_tokens, output_tokens, created, data = row
+        bought = Provenance(**json.loads(data)) if data else Provenance(answered_at=created, input_tokens=input_tokens,
+                                                                         output_tokens=output_tokens)
+        return CachedAnswer(json.loads(value), bought)
 
-    def put(self, key: str, value: Any, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
+    def put(self, key: str, value: Any, *, input_tokens: int = 0, output_tokens: int = 0,
+            provenance: Provenance | None = None) -> None:
         if self._db is None:
             return
         try:
             self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
                              (key, json.dumps(value, ensure_ascii=False), input_tokens, output_tokens, time.time()))
+            if provenance is not None:
+                self._db.execute("INSERT OR REPLACE INTO provenance VALUES (?, ?)", (key, json.dumps(asdict(provenance))))
         except sqlite3.Error as err:
             self._give_up(err)
 
@@ -115,17 +146,22 @@ class RecentAnswers:
 
     def __init__(self, max_entries: int = 10_000):
         self.max_entries = max_entries
-        self._answers: OrderedDict[str, Any] = OrderedDict()
+        self._answers: OrderedDict[str, CachedAnswer] = OrderedDict()
 
     def get(self, key: str) -> Any:
-        value = self._answers.get(key, _MISSING)
-        if value is _MISSING:
+        found = self.get_answer(key)
+        return found.value if found is not None else None
+
+    def get_answer(self, key: str) -> CachedAnswer | None:
+        found = self._answers.get(key)
+        if found is None:
             return None
         self._answers.move_to_end(key)
-        return value
+        return found
 
-    def put(self, key: str, value: Any, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
-        self._answers[key] = value
+    def put(self, key: str, value: Any, *, input_tokens: int = 0, output_tokens: int = 0,
+            provenance: Provenance | None = None) -> None:
+        self._answers[key] = CachedAnswer(value, provenance)
         self._answers.move_to_end(key)
         while len(self._answers) > self.max_entries:
             self._answers.popitem(last=False)

@@ -1,8 +1,10 @@
 """What a row gets: each prompt's answer, the row's result, the counts of many rows, the output columns.
 
 ``PromptAnswer`` is one prompt's outcome for one row (a value or an error, the tokens paid, where
-it came from); ``RowResult`` is a row's answers and its error text; ``RowCounts`` counts rows, errors
-by kind and their tokens (a chunk's counts in the manifest, a run's in its summary).
+it came from, how it was bought); ``RowResult`` is a row's answers and its error text; ``RowCounts``
+counts rows, errors by kind and their tokens (a chunk's counts in the manifest, a run's in its
+summary). With ``output.metadata`` each prompt also gets typed columns saying how its answer was
+bought (``METADATA_COLUMNS``, from the answer's ``Provenance``).
 
     >>> answers = {"caption": PromptAnswer("a red square", input_tokens=120, output_tokens=4)}
     >>> result = row_result(prompts, answers)
@@ -12,6 +14,7 @@ by kind and their tokens (a chunk's counts in the manifest, a run's in its summa
 
 from __future__ import annotations
 
+import datetime
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -42,13 +45,17 @@ class PromptAnswer:
 @dataclass(frozen=True)
 class Provenance:
     """How an answer was bought: the model that answered, why it stopped (``finish_reason``), how
-    long the last attempt took, how many attempts it took, and when (unix seconds) it arrived."""
+    long the last attempt took, how many attempts it took, when (unix seconds) it arrived, and the
+    input and output tokens its request(s) counted. An answer re-used (the cache, an identical
+    image, an earlier run) keeps the provenance of its purchase."""
 
     model: str | None = None
     finish_reason: str | None = None
     latency_ms: int | None = None
     attempts: int | None = None
     answered_at: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
 
 
 @dataclass
@@ -84,29 +91,72 @@ def row_result(prompts: Sequence[Prompt], answers: dict[str, PromptAnswer]) -> R
                      combined_error(prompts, {p.name: answers[p.name].error for p in prompts}))
 
 
-def output_columns(prompts: Sequence[Prompt], error_column: str, results: Sequence[RowResult]) -> dict[str, list]:
-    """The prompts' columns and the error column for these results, in order."""
+# output.metadata: per prompt, how its answer was bought (``Provenance``), as typed columns named
+# ``<prompt>_<field>``: the model, finish_reason, tokens, latency, attempts and the time answered.
+METADATA_COLUMNS: dict[str, str] = {
+    "model": "string", "finish_reason": "string", "input_tokens": "int64", "output_tokens": "int64",
+    "latency_ms": "int64", "attempts": "int64", "answered_at": "timestamp[ms, tz=UTC]",
+}
+
+
+def metadata_features(prompts: Sequence[Prompt]) -> dict[str, Any]:
+    """The metadata columns of ``prompts`` (``output.metadata``) with their datasets features;
+    ConfigError when one is also a prompt's answer column."""
+    import datasets
+
+    answer_columns = {name for prompt in prompts for name in prompt.columns()}
+    found = {}
+    for prompt in prompts:
+        for field_name, dtype in METADATA_COLUMNS.items():
+            name = f"{prompt.name}_{field_name}"
+            if name in answer_columns:
+                raise ConfigError(f"output.metadata: column {name!r} is also an answer column; rename that field")
+            found[name] = datasets.Value(dtype)
+    return found
+
+
+def _metadata_values(prompt: Prompt, answer: PromptAnswer) -> dict[str, Any]:
+    bought = answer.provenance or Provenance()
+    values = {f"{prompt.name}_{name}": getattr(bought, name) for name in METADATA_COLUMNS}
+    if bought.answered_at is not None:
+        values[f"{prompt.name}_answered_at"] = datetime.datetime.fromtimestamp(bought.answered_at, datetime.timezone.utc)
+    return values
+
+
+def output_columns(prompts: Sequence[Prompt], error_column: str, results: Sequence[RowResult], *,
+                   metadata: bool = False) -> dict[str, list]:
+    """The prompts' columns and the error column for these results, in order; with ``metadata``,
+    then each prompt's metadata columns (``METADATA_COLUMNS``)."""
     columns: dict[str, list] = {name: [] for p in prompts for name in p.columns()}
     columns[error_column] = []
+    if metadata:
+        columns.update({name: [] for name in metadata_features(prompts)})
     for result in results:
         for prompt in prompts:
-            for name, value in prompt.values(result.answers[prompt.name].value).items():
+            answer = result.answers[prompt.name]
+            values = prompt.values(answer.value)
+            if metadata:
+                values.update(_metadata_values(prompt, answer))
+            for name, value in values.items():
                 columns[name].append(value)
         columns[error_column].append(result.error)
     return columns
 
 
-def output_features(source: Any, prompts: Sequence[Prompt], error_column: str) -> Any:
+def output_features(source: Any, prompts: Sequence[Prompt], error_column: str, *, metadata: bool = False) -> Any:
     """The output's datasets Features: the source's (images decodable again on load), then the
-    prompts' columns and the error column; None when the source's are unknown. ConfigError for an
-    output column the source already has."""
+    prompts' columns and the error column (and, with ``metadata``, the metadata columns); None when
+    the source's are unknown. ConfigError for an output column the source already has."""
     if source is None:
         return None
     import datasets  # here: worker processes import the row's neighbours and need no datasets
 
     out = {name: datasets.Image() if isinstance(feature, datasets.Image) else feature for name, feature in source.items()}
     added = {name: feature for prompt in prompts for name, feature in prompt.columns().items()}
-    for name, feature in {**added, error_column: datasets.Value("string")}.items():
+    added[error_column] = datasets.Value("string")
+    if metadata:
+        added.update(metadata_features(prompts))
+    for name, feature in added.items():
         if name in out:
             raise ConfigError(f"the source already has a column {name!r}: choose another output column name "
                               f"(output.caption_column, output.error_column, a prompts: name or a schema field)")

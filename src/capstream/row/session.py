@@ -224,8 +224,8 @@ class CaptionSession:
         if key in self._in_flight:
             answer = await asyncio.shield(self._in_flight[key])
             answer = PromptAnswer(answer.value, answer.error, source="dedup", provenance=answer.provenance)
-        elif (value := self.bought.get(key)) is not None:
-            answer = PromptAnswer(value, source="cache")
+        elif (cached := self.bought.get_answer(key)) is not None:
+            answer = PromptAnswer(cached.value, source="cache", provenance=cached.provenance)
         else:
             answer = await self._ask_once(prompt, ask, key, ImageRequest(text, system, image.data_url(),
                                                                         self.images.detail, ask.options),
@@ -252,7 +252,8 @@ class CaptionSession:
         finally:
             del self._in_flight[key]
         if answer.ok:
-            self.bought.put(key, answer.value, input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)
+            self.bought.put(key, answer.value, input_tokens=answer.input_tokens, output_tokens=answer.output_tokens,
+                            provenance=answer.provenance)
         return answer
 
     async def _ask(self, prompt: Prompt, request: ImageRequest, tokens: int) -> PromptAnswer:
@@ -276,11 +277,11 @@ class CaptionSession:
                         value = await send_and_read()
         except (InvalidAnswer, TruncatedAnswer, FilteredAnswer) as bad:  # an answer, not a usable one
             return PromptAnswer(error=self.sender.refusal.scrub(answer_error(bad)), input_tokens=paid[0],
-                                output_tokens=paid[1], provenance=provenance(last[0]))
+                                output_tokens=paid[1], provenance=provenance(last[0], paid))
         except RequestFailed as failed:  # this row's request was refused (Sender raised the rest)
             return PromptAnswer(error=self.sender.refusal.scrub(failed.as_row_error()),
                                 input_tokens=paid[0], output_tokens=paid[1])
-        return PromptAnswer(value, None, paid[0], paid[1], provenance=provenance(last[0]))
+        return PromptAnswer(value, None, paid[0], paid[1], provenance=provenance(last[0], paid))
 
     async def aclose(self) -> None:
         """Close the model call (HTTP client, worker processes) and the cache; call on the session's loop."""
@@ -295,9 +296,11 @@ def answer_error(bad: InvalidAnswer | TruncatedAnswer | FilteredAnswer) -> str:
     return f"{bad.kind}: {reason}; raw answer: {raw}"
 
 
-def provenance(answer: Answer) -> Provenance:
-    """How ``answer`` was bought, as the results log and the output's metadata keep it."""
-    return Provenance(answer.model, answer.finish_reason, answer.latency_ms, answer.attempts, time.time())
+def provenance(answer: Answer, paid: Sequence[int]) -> Provenance:
+    """How ``answer`` (the last of the requests its prompt needed, which paid ``paid`` input and
+    output tokens together) was bought, as the results log and the output's metadata keep it."""
+    return Provenance(answer.model, answer.finish_reason, answer.latency_ms, answer.attempts, time.time(),
+                      paid[0], paid[1])
 
 
 __all__ = ["SessionSpec", "CaptionSession", "ImagePreparer", "PromptAsk", "RecordAnswer", "answer_error", "provenance"]
