@@ -1,4 +1,4 @@
-"""``capstream run | validate | estimate | preview | push | status | cancel``: a thin layer over the library.
+"""``capstream run | validate | estimate | preview | push | status | cancel | view``: a thin layer over the library.
 
 Exit codes: 0 every row processed (rows with errors included), 1 the run stopped early (state saved,
 rerun to resume), 2 bad config or arguments (nothing started), 130 stopped by Ctrl-C (resumable).
@@ -76,7 +76,21 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--split", help="the split name on the Hub (default: the run's split)")
     push.add_argument("--commit-message", help="message of every commit")
     push.add_argument("--timeout", type=float, metavar="S", help="timeout of every Hub request in seconds")
+
+    view = sub.add_parser("view", help="write a gallery of the answers and a run report into OUT_DIR/view/ "
+                                       "(a static site: opens offline, from the file system)")
+    view.add_argument("out_dir", help="the run's output folder (output.dir), finished or partial")
+    view.add_argument("--serve", action="store_true", help="also serve it on 127.0.0.1 until Ctrl-C")
+    view.add_argument("--port", type=_port, default=0, help="with --serve: the port (default: a free one)")
+    view.add_argument("--open", action="store_true", help="open it in the default browser")
     return parser
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("a port is 0 (any free one) to 65535")
+    return port
 
 
 def _validate(args) -> int:
@@ -237,13 +251,55 @@ def _push(args) -> int:
     return EXIT_OK
 
 
+def _view(args) -> int:
+    import webbrowser
+
+    from .view import build_view
+
+    try:
+        site = build_view(args.out_dir)
+    except RunStopped as err:  # a log that cannot be read
+        print(f"capstream: {err}", file=sys.stderr)
+        return EXIT_STOPPED
+    except OSError as err:
+        print(f"capstream: cannot write the view into {args.out_dir}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_STOPPED
+    print(site.index, flush=True)
+    print(f"capstream: {site.rows} rows ({site.error_rows} with errors, {site.pending_rows} in chunks not written "
+          f"yet), {site.thumbnails_made} thumbnails made, in {site.seconds:.1f}s; run report: {site.report}",
+          file=sys.stderr)
+    if not args.serve:
+        if args.open:
+            webbrowser.open(site.index.resolve().as_uri())
+        return EXIT_OK
+    from .view.serve import open_server, server_url
+
+    try:
+        server = open_server(site.index.parent, args.port)
+    except OSError as err:
+        print(f"capstream: cannot serve on 127.0.0.1:{args.port}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_CONFIG
+    url = server_url(server)
+    print(url, flush=True)
+    print("capstream: serving until Ctrl-C", file=sys.stderr, flush=True)
+    if args.open:
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         _log_to(getattr(args, "log_file", None))
         return {"run": _run, "validate": _validate, "estimate": _estimate, "preview": _preview,
-                "push": _push, "status": _status, "cancel": _cancel}[args.command](args)
+                "push": _push, "status": _status, "cancel": _cancel, "view": _view}[args.command](args)
     except ConfigError as err:
         _report(f"capstream: config error: {err}")
         return EXIT_CONFIG

@@ -307,6 +307,15 @@ class Config(_Section):
                 del found[key]
         return found
 
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "Config":
+        """A config read back from ``redacted()``'s dict (``.capstream/config.json``), as it is: no
+        ``${VAR}`` is read. The dict holds ``prompt`` (its defaults) beside ``prompts``; only the
+        prompts a run asked count."""
+        if isinstance(data, dict) and data.get("prompts"):
+            data = {k: v for k, v in data.items() if k != "prompt"}
+        return cls.model_validate(data)
+
     def redacted(self) -> dict[str, Any]:
         """The config as a plain dict, safe to save or print.
 

@@ -6,6 +6,7 @@ Skipped when Ray is not installed (``pip install -e '.[ray]'``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -226,3 +227,29 @@ def test_max_cost_usd_on_ray_stops_cleanly_and_a_higher_budget_resumes(local_ray
     check_output(tmp_path / "out", rows, broken)
     total = (server.prompt_tokens_total + server.completion_tokens_total) * 1000.0 / 1e6
     assert result.summary.cost_usd == pytest.approx(total)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the report's plots need the view extra")
+def test_a_ray_run_keeps_its_events_for_the_report(local_ray, key, server, tmp_path):
+    """Each actor logs its failed attempts, the broker the cluster's limit, the driver the run's start
+    and stop; ``capstream view`` reads them all."""
+    from capstream.io.events_log import read_events
+    from capstream.io.layout import OutputLayout
+    from capstream.view import build_view
+
+    rows, _ = make_rows(96)
+    data = write_parquet(tmp_path / "d.parquet", rows)
+    server.p429 = 0.15
+    config = _config(server, data, tmp_path / "ray")
+    config["limits"]["requests_per_minute"] = 6000
+    config["retry"]["max_attempts"] = 10  # no request fails every attempt: the run finishes
+    capstream.run(config, show_progress=False)
+    layout = OutputLayout(tmp_path / "ray", "train")
+    assert {p.name for p in layout.events_logs()} >= {"events.jsonl", "events-ray-broker.jsonl"}
+    events = read_events(layout.events_logs())
+    assert [m.what for m in events.marks] == ["started", "stopped"] and events.marks[0].backend == "ray"
+    assert events.limits[0].reason == "configured" and events.limits[0].per_minute == pytest.approx(6000 * 0.98)
+    assert sum(1 for a in events.attempts if a.status == 429) == server.by_status[429]
+    site = build_view(tmp_path / "ray")
+    report = site.report.read_text()
+    assert 'src="report/retries.svg"' in report and 'src="report/limits.svg"' in report

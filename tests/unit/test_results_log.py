@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from capstream.io.layout import OutputLayout
 from capstream.io.results_log import LogRecord, ResultsLog, records
@@ -73,10 +74,13 @@ def test_a_record_keeps_its_provenance_and_old_lines_still_read():
 
     bought = Provenance("m1", "stop", 840, 2, 1764600000.5, 120, 4)
     answer = PromptAnswer("a cat", None, 120, 4, provenance=bought)
+    before = time.time()
     line = LogRecord.of(3, "k", "caption", answer).to_line()
+    data = json.loads(line)
+    assert before - 0.01 <= data.pop("w") <= time.time() + 0.01  # when it was logged (every record has it)
     # The tokens its purchase counted are those the line paid: not written twice.
-    assert json.loads(line) == {"i": 3, "k": "k", "p": "caption", "v": "a cat", "e": None, "ti": 120, "to": 4,
-                                "m": "m1", "f": "stop", "ms": 840, "n": 2, "t": 1764600000.5}
+    assert data == {"i": 3, "k": "k", "p": "caption", "v": "a cat", "e": None, "ti": 120, "to": 4,
+                    "m": "m1", "f": "stop", "ms": 840, "n": 2, "t": 1764600000.5}
     again = LogRecord.from_json(json.loads(line)).answer()
     assert again.provenance == answer.provenance and again.source == "log" and again.value == "a cat"
     # An answer re-used from an identical image paid nothing, and keeps what its purchase counted.

@@ -35,6 +35,7 @@ from typing import Any, Awaitable, Callable
 
 from ..cost.meter import BudgetGuard
 from ..errors import BudgetReached
+from ..model.events import Observer
 from ..model.limits import AdaptiveLimit, RateLimits
 from ..model.sending import Usage
 
@@ -62,9 +63,10 @@ class LimitBroker:
 
     def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
                  clock: Callable[[], float] = time.monotonic, headroom: float = GRANT_HEADROOM,
-                 budget: BudgetGuard | None = None):
-        """``budget``: a copy of the run's guard (its meter counting the tokens workers report)."""
-        self.limits = RateLimits(requests_per_minute, tokens_per_minute, clock, headroom)
+                 budget: BudgetGuard | None = None, observer: Observer | None = None):
+        """``budget``: a copy of the run's guard (its meter counting the tokens workers report);
+        ``observer``: told of every move of the cluster's limits (the broker's events log)."""
+        self.limits = RateLimits(requests_per_minute, tokens_per_minute, clock, headroom, observer=observer)
         self.budget = budget
         self.granted = 0
 

@@ -75,7 +75,8 @@ class LocalBackend:
         self._stop_on_loop = (asyncio.get_running_loop(), stopping)
         with stop_on_signals(stopping) if self.handle_signals else contextlib.nullcontext():
             session = self.spec.open(prep_pool=pool, llm=self.llm, usage=core.usage, stopping=stopping,
-                                     before_send=core.budget, base_dir=self.source.base_dir, keep_files=True)
+                                     before_send=core.budget, base_dir=self.source.base_dir, keep_files=True,
+                                     observer=core.events)
             pipeline = _Pipeline(core, session, self.source.chunks(self.chunk_size, skip=core.skip),
                                  window_chunks=self.window_chunks, row_slots=2 * self.spec.limits.max_concurrency)
             await pipeline.run()

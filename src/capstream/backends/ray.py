@@ -11,7 +11,9 @@
   order (``preserve_order``) and the driver cuts the stream into chunks of exactly
   ``run.chunk_size`` rows, so shards, row keys and resume are the local backend's.
 * Every actor appends each answer to ``.capstream/results-ray-<n>.jsonl`` the moment it arrives;
-  the run core reads every log on resume. ``output.dir`` must therefore be a folder every node can
+  the run core reads every log on resume. Each actor keeps its own events log too
+  (``events-ray-<n>.jsonl``: failed attempts), and the broker one for the cluster's limits
+  (``events-ray-broker.jsonl``). ``output.dir`` must therefore be a folder every node can
   write (local disk for a one-machine Ray, else NFS or a mounted bucket).
 * Image bytes travel driver -> actor once per chunk and only results travel back.
 
@@ -33,6 +35,7 @@ import datasets
 
 from ..core.run import ChunkWork, RowToDo, RunCore
 from ..errors import ConfigError, Interrupted, NotSent, RunStopped
+from ..io.events_log import EventsLog
 from ..io.layout import OutputLayout
 from ..io.results_log import LogRecord
 from ..io.source import Chunk, open_source
@@ -68,7 +71,9 @@ class CaptionActor:
         if secret and spec.model.api_key_env:
             os.environ.setdefault(spec.model.api_key_env, secret)  # this actor's own process
         self.spec = spec
-        self.store = RunStore(OutputLayout(out_dir, split), log_name=f"results-{name}")
+        layout = OutputLayout(out_dir, split)
+        self.store = RunStore(layout, log_name=f"results-{name}")
+        self.events = EventsLog(layout.events_log(f"events-{name}"))
         self.broker = broker
         self.base_dir = base_dir
         self.pool = ThreadPoolExecutor(prep_threads, thread_name_prefix="capstream-prep")
@@ -81,7 +86,7 @@ class CaptionActor:
     def _session(self):
         if self.session is None:
             self.session = self.spec.open(prep_pool=self.pool, usage=self.usage, limits=self.limits,
-                                          base_dir=self.base_dir)
+                                          base_dir=self.base_dir, observer=self.events)
         return self.session
 
     async def caption_chunk(self, chunk_index: int, rows: list[RowToDo]) -> ChunkAnswer:
@@ -122,6 +127,7 @@ class CaptionActor:
             self.limits.flush()
             await self.session.aclose()
         self.store.close()
+        self.events.close()
         self.pool.shutdown(wait=False)
         return self.usage
 
@@ -218,7 +224,8 @@ class RayBackend:
         try:
             limits = self.spec.limits
             broker = ray.remote(LimitBroker).options(num_cpus=0).remote(
-                limits.requests_per_minute, limits.tokens_per_minute, budget=core.budget)
+                limits.requests_per_minute, limits.tokens_per_minute, budget=core.budget,
+                observer=EventsLog(core.store.layout.events_log("events-ray-broker")))
             model = self.spec.model
             secret = os.environ.get(model.api_key_env) if model.api_key_env else None
             actor = ray.remote(CaptionActor).options(num_cpus=ACTOR_CPUS, max_concurrency=1000)

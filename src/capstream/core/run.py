@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 from ..cost.meter import BudgetGuard, CostMeter, Prices
 from ..errors import HubError, Interrupted, RunStopped
 from ..io.card import loading_code, write_card
+from ..io.events_log import EventsLog, RunMark
 from ..io.hub import HubExporter
 from ..io.results_log import LogRecord
 from ..io.source import Chunk
@@ -158,6 +159,9 @@ class RunCore:
                        if config.run.max_cost_usd is not None else None)
         self.progress = ProgressBar(total_rows, self.rows, self.meter, enabled=show_progress and not self.nothing_to_do,
                                     initial=store.rows_in(self.skip))
+        # What the answers do not say (failed attempts, the limits moving, starts and stops), for the
+        # run report; a backend hands it to the senders of this process as their observer.
+        self.events = EventsLog(store.layout.events_log())
 
     # -- what backends call ------------------------------------------------------------------------
 
@@ -249,12 +253,17 @@ class RunCore:
         """Run ``backend`` over what is left to do, then write the summary and the card and make the
         last push; raises the run's ``RunStopped`` (with its summary) when it stopped early."""
         failure: RunStopped | None = None
+        if not self.nothing_to_do:
+            self.events(RunMark("started", backend=backend.name, resumed=self.resuming))
         try:
             if not self.nothing_to_do:
                 self.store.finish(backend.run(self))
         except RunStopped as err:
             failure = err
         finally:
+            if not self.nothing_to_do:
+                self.events(RunMark("stopped", backend=backend.name, detail=str(failure) if failure else None))
+            self.events.close()
             self.progress.close()
             self.store.close()
             if self.exporter is not None:

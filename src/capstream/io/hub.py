@@ -213,7 +213,7 @@ class _Folder:
         if manifest is None or saved is None:
             raise ConfigError(f"{probe.dir}: not a capstream output folder (no {STATE_DIR}/manifest.json)")
         try:
-            config = Config.model_validate(saved)
+            config = Config.from_saved(saved)  # a run with prompts: saved beside the default prompt
         except (ValueError, ConfigError) as err:
             raise ConfigError(f"{probe.saved_config}: {err}") from None
         layout = OutputLayout(out_dir, manifest.split or config.dataset.split)

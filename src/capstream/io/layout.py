@@ -15,6 +15,9 @@
     .capstream/batch/requests-000001.jsonl        a request file (OpenAI batch format), its .index.jsonl beside it
     .capstream/batch/requests-000001.<batch id>.output.jsonl   a batch's output (and .errors.jsonl), downloaded
     .capstream/batch/results/     result files put back by hand (batch.submit: false)
+    .capstream/events.jsonl       what happened as the run went: failed attempts, limits, starts (events_log.py)
+    .capstream/events-<name>.jsonl    the events of one Ray actor (or of the cluster's limit broker)
+    view/                         the site ``capstream view`` writes (gallery, run report)
 
     >>> layout = OutputLayout("out/run", "train")
     >>> layout.shard_path(3).name
@@ -118,6 +121,20 @@ class OutputLayout:
     def results_logs(self) -> list[Path]:
         """Every results log in the state folder (every process's, and their sealed segments)."""
         return sorted(self.state.glob("results*.jsonl")) if self.state.is_dir() else []
+
+    def events_log(self, name: str = "events") -> Path:
+        """The events log a process appends to: ``events`` for a local run, ``events-ray-<n>`` for a
+        Ray actor, ``events-ray-broker`` for the cluster's limits."""
+        return self.state / f"{name}.jsonl"
+
+    def events_logs(self) -> list[Path]:
+        """Every events log in the state folder."""
+        return sorted(self.state.glob("events*.jsonl")) if self.state.is_dir() else []
+
+    @property
+    def view(self) -> Path:
+        """The folder ``capstream view`` writes its site into (never pushed to the Hub)."""
+        return self.dir / "view"
 
 
 __all__ = ["OutputLayout", "STATE_DIR", "DATA_DIR", "shard_name", "shard_pattern", "shard_index"]

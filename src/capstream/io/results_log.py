@@ -1,7 +1,8 @@
 """The results log: every answer, appended the moment it arrives, read back on resume.
 
 One JSON line per row and prompt (``LogRecord``: its one writer is ``to_line``, its one reader
-``from_json``; the keys ``i k p v e ti to`` are the format of every folder ever written). A process
+``from_json``; the keys ``i k p v e ti to`` are the format of every folder ever written; ``w``, when
+the line was logged, and the provenance keys are optional: older logs have none). A process
 appends to its own log (``ResultsLog``); every 64 MB the log is sealed into a numbered segment and
 a summary of the segment (its chunks and the tokens it paid for, counted as the answers were
 appended) is written next to it, last. A rerun reads only the segments holding a chunk that is not
@@ -19,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -51,15 +53,18 @@ class LogRecord:
     input_tokens: int = 0
     output_tokens: int = 0
     provenance: Provenance | None = None
+    logged_at: float | None = None  # unix seconds; every answer has it (error rows and re-used ones too)
 
     @classmethod
     def of(cls, chunk: int, key: Any, prompt: str, answer: PromptAnswer) -> "LogRecord":
         return cls(chunk, key, prompt, answer.value, answer.error, answer.input_tokens, answer.output_tokens,
-                   answer.provenance)
+                   answer.provenance, time.time())
 
     def to_line(self) -> bytes:
         data = {"i": self.chunk, "k": self.key, "p": self.prompt, "v": self.value, "e": self.error,
                 "ti": self.input_tokens, "to": self.output_tokens}
+        if self.logged_at is not None:
+            data["w"] = round(self.logged_at, 3)
         if self.provenance is not None:
             data.update({key: getattr(self.provenance, name) for name, key in _PROVENANCE_KEYS.items()
                          if getattr(self.provenance, name) is not None
@@ -73,7 +78,7 @@ class LogRecord:
             provenance = Provenance(**{name: data.get(key, data.get(_PAID_KEYS.get(name)))
                                        for name, key in _PROVENANCE_KEYS.items()})
         return cls(data["i"], data["k"], data["p"], data.get("v"), data.get("e"), data.get("ti") or 0,
-                   data.get("to") or 0, provenance)
+                   data.get("to") or 0, provenance, data.get("w"))
 
     def answer(self) -> PromptAnswer:
         """The answer, as re-used by a later run."""
@@ -191,16 +196,22 @@ def read_answers(logs: Iterable[Path], skip: Iterable[int], *, ok_only: bool = F
         for record in records(log):
             tally.add(record)
             if record.chunk not in skip:
-                in_log[(_hashable(record.key), record.prompt)] = record
+                in_log[(hashable_key(record.key), record.prompt)] = record
         paid_in, paid_out = paid_in + tally.paid[0], paid_out + tally.paid[1]
         tallies[log] = tally
-        for (key, prompt), record in in_log.items():
-            by_prompt = found.setdefault(key, {})
-            if prompt not in by_prompt or by_prompt[prompt].error is not None:
-                by_prompt[prompt] = record
+        merge_log(found, in_log)
     answers = {key: {prompt: r.answer() for prompt, r in by_prompt.items() if not ok_only or r.error is None}
                for key, by_prompt in found.items()}
     return LoggedAnswers({k: a for k, a in answers.items() if a}, (paid_in, paid_out), tallies)
+
+
+def merge_log(found: dict[Any, dict[str, LogRecord]], in_log: dict[tuple[Any, str], LogRecord]) -> None:
+    """Add one log's newest record per (key, prompt) to ``found`` (key -> prompt -> record), by the
+    rule ``read_answers`` gives: across logs, an answer without error wins over one with."""
+    for (key, prompt), record in in_log.items():
+        by_prompt = found.setdefault(key, {})
+        if prompt not in by_prompt or by_prompt[prompt].error is not None:
+            by_prompt[prompt] = record
 
 
 def paid_tokens(logs: Iterable[Path]) -> tuple[int, int]:
@@ -212,8 +223,10 @@ def paid_tokens(logs: Iterable[Path]) -> tuple[int, int]:
     return paid_in, paid_out
 
 
-def _hashable(key: Any) -> Any:
+def hashable_key(key: Any) -> Any:
+    """A row key as a dict key (a list key, read back from JSON, as a tuple)."""
     return tuple(key) if isinstance(key, list) else key
+
 
 
 class ResultsLog:
@@ -276,5 +289,5 @@ class ResultsLog:
             self._file = None
 
 
-__all__ = ["LogRecord", "Tally", "ResultsLog", "LoggedAnswers", "read_answers", "paid_tokens", "records",
-           "repair_tail", "remove_log", "SEGMENT_SUFFIX"]
+__all__ = ["LogRecord", "Tally", "ResultsLog", "LoggedAnswers", "read_answers", "merge_log", "paid_tokens",
+           "records", "hashable_key", "repair_tail", "remove_log", "SEGMENT_SUFFIX"]

@@ -191,6 +191,8 @@ class RunStore:
         self.layout.batch_ledger.unlink(missing_ok=True)  # a batch run's (none in flight: setup.py checks)
         if self.layout.batch_dir.is_dir():
             shutil.rmtree(self.layout.batch_dir)
+        for log in self.layout.events_logs():  # the run report's events belong to the run discarded
+            log.unlink(missing_ok=True)
 
     @property
     def done_chunks(self) -> set[int]:

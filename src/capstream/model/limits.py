@@ -15,6 +15,8 @@ announced limit. The run settles just under the endpoint's real limit instead of
     >>> limits = RateLimits(requests_per_minute=600, tokens_per_minute=200_000)
     >>> await limits.acquire(tokens=1_100)        # before every attempt
     >>> limits.observe(headers, rate_limited=False) # after it, with the response's headers
+
+With an ``observer`` (``events.py``), every move of a limit is reported as a ``LimitChanged``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections import deque
 from aiolimiter import AsyncLimiter
 
 from ..patches.aiolimiter import retune
+from .events import LimitChanged, Observer
 
 SLOW_DOWN = 0.70  # on a 429, the new limit as a share of the old one
 SPEED_UP = 1.05  # growth per step while requests succeed
@@ -97,7 +100,10 @@ def _header_float(headers: dict[str, str], name: str) -> float | None:
 class AdaptiveLimit:
     """One limit (requests or tokens per minute): configured, announced by the endpoint, or learned."""
 
-    def __init__(self, configured: float | None, clock=time.monotonic, headroom: float = 0.0):
+    def __init__(self, configured: float | None, clock=time.monotonic, headroom: float = 0.0, *,
+                 kind: str = "requests", observer: Observer | None = None):
+        """``kind``: ``requests`` or ``tokens``, as reported to ``observer`` (which is told of every
+        change of the limit in force, the configured one first)."""
         self.configured = configured
         self.announced: float | None = None
         self.clock = clock
@@ -105,6 +111,10 @@ class AdaptiveLimit:
         self.limiter = ShapedLimiter(configured * self.share) if configured else None
         self._sent: deque[tuple[float, float]] = deque()  # (time, amount) over the last minute
         self._last_change = -STEP_S
+        self.kind = kind
+        self.observer = observer
+        if observer is not None and self.limiter is not None:
+            observer(LimitChanged(kind, self.limiter.per_minute, "configured"))
 
     @property
     def ceiling(self) -> float | None:
@@ -125,22 +135,25 @@ class AdaptiveLimit:
         while self._sent[0][0] < now - WINDOW_S:
             self._sent.popleft()
 
-    def _set(self, per_minute: float) -> None:
+    def _set(self, per_minute: float, reason: str) -> None:
         per_minute = max(1.0, per_minute)
         if self.ceiling:
             per_minute = min(per_minute, self.ceiling)
+        changed = self.limiter is None or abs(per_minute - self.limiter.per_minute) > 1e-9
         if self.limiter is None:
             self.limiter = ShapedLimiter(per_minute)
-        elif abs(per_minute - self.limiter.per_minute) > 1e-9:
+        elif changed:
             self.limiter.set_rate(per_minute)
         self._last_change = self.clock()
+        if changed and self.observer is not None:
+            self.observer(LimitChanged(self.kind, per_minute, reason))
 
     def announce(self, limit: float) -> None:
         """The endpoint says its limit (a header): never go above it."""
         if limit > 0 and limit != self.announced:
             self.announced = limit
             if self.rate is None or self.rate > self.ceiling:
-                self._set(self.ceiling)
+                self._set(self.ceiling, "announced")
 
     def slow_down(self) -> None:
         """A 429: cut the limit (or, with none yet, the rate sent over the last minute) by 30%."""
@@ -149,25 +162,26 @@ class AdaptiveLimit:
             return
         current = self.rate if self.rate is not None else per_minute(self._sent, now)
         if current:
-            self._set(SLOW_DOWN * current)
+            self._set(SLOW_DOWN * current, "slowed")
 
     def speed_up(self) -> None:
         """A success: grow back towards the ceiling, one step at a time."""
         if self.rate is None or (self.ceiling and self.rate >= self.ceiling):
             return
         if self.clock() - self._last_change >= GROW_EVERY_S:
-            self._set(self.rate * SPEED_UP)
+            self._set(self.rate * SPEED_UP, "recovered")
 
 
 class RateLimits:
     """Both limits of an endpoint: requests and tokens per minute (None = none configured)."""
 
     def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
-                 clock=time.monotonic, headroom: float = 0.0):
+                 clock=time.monotonic, headroom: float = 0.0, observer: Observer | None = None):
         """``headroom``: the share of every configured or announced limit left unused (for senders
-        whose requests reach the endpoint with delays the buckets do not see)."""
-        self.requests = AdaptiveLimit(requests_per_minute, clock, headroom)
-        self.tokens = AdaptiveLimit(tokens_per_minute, clock, headroom)
+        whose requests reach the endpoint with delays the buckets do not see). ``observer``: told of
+        every change of either limit (``events.LimitChanged``)."""
+        self.requests = AdaptiveLimit(requests_per_minute, clock, headroom, kind="requests", observer=observer)
+        self.tokens = AdaptiveLimit(tokens_per_minute, clock, headroom, kind="tokens", observer=observer)
         self.clock = clock
         self._answers: deque[tuple[float, bool]] = deque()  # (time, was a 429) over SIGNAL_WINDOW_S
 

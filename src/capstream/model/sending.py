@@ -6,7 +6,8 @@ attempt (``ModelCall`` or a ``ProcessPool``), teaches the limits from the respon
 tenacity (``retry.py``) try again on transient failures. What a failure means for the run is
 decided here, once: a row's failure comes back as ``RequestFailed`` (an error row); a fatal one
 (bad key, unknown model) or one still failing after every attempt raises ``RunStopped``. Every
-attempt and every token paid is counted in ``usage``.
+attempt and every token paid is counted in ``usage``; with an ``observer`` (``events.py``), every
+failed attempt is reported as an ``AttemptFailed`` (a successful one costs nothing more).
 
     >>> call = open_model_call(config.model, processes=1)
     >>> sender = Sender(call, RateLimits(600), usage=Usage(), max_concurrency=16, max_attempts=6,
@@ -30,6 +31,7 @@ from langchain_core.language_models import BaseChatModel
 from ..errors import Failure, NotSent, RequestFailed, RunStopped
 from .call import Answer, ImageRequest, ModelCall
 from .chat_models import async_http_client, build_chat_model, shares_default_http_client, with_http_client
+from .events import AttemptFailed, Observer
 from .processes import ProcessPool
 from .retry import request_retrying
 from .settings import OPENAI_COMPATIBLE, ModelConfig, redact_url
@@ -116,7 +118,7 @@ class Sender:
 
     def __init__(self, call: ModelCall | ProcessPool, limits: Limits, *, usage: Usage, max_concurrency: int,
                  max_attempts: int, max_wait_s: float, stopping: asyncio.Event, refusal: Refusal,
-                 before_send: Callable[[], None] | None = None):
+                 before_send: Callable[[], None] | None = None, observer: Observer | None = None):
         self.call = call
         self.limits = limits
         self.usage = usage
@@ -127,6 +129,7 @@ class Sender:
         self.refusal = refusal
         self.before_send = before_send or (lambda: None)  # may raise RunStopped (cost.meter.BudgetGuard)
         self.reached = False  # the endpoint has answered (anything, errors included) at least once
+        self.observer = observer  # told of each failed attempt (the run's events log)
 
     async def send(self, request: ImageRequest, tokens: int) -> Answer:
         """The answer; ``RequestFailed`` when the row's request is refused; ``RunStopped`` when the
@@ -160,6 +163,11 @@ class Sender:
                         answer = await self.call(request)
                     except RequestFailed as failed:
                         self.limits.observe(failed.headers, rate_limited=failed.status == 429)
+                        if self.observer is not None:
+                            tried_again = failed.failure is Failure.TRANSIENT or (
+                                failed.failure is Failure.REFUSED and self.reached)
+                            self.observer(AttemptFailed(failed.status, failed.failure.value, number,
+                                                        retried=tried_again and number < self.max_attempts))
                         if failed.failure is Failure.REFUSED and not self.reached:
                             raise RunStopped(f"nothing is listening at {self.refusal.url or self.refusal.endpoint}: "
                                              "connection refused (is the server running, at that address?)") from None

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
 
     from ..config import ImageConfig, LimitsConfig, RetryConfig
+    from ..model.events import Observer
     from ..model.settings import ModelConfig
 
 RecordAnswer = Callable[[str, PromptAnswer], None]  # (prompt name, answer): the results log's append
@@ -62,19 +63,20 @@ class SessionSpec:
     def open(self, *, prep_pool: Executor, llm: "BaseChatModel | None" = None, usage: Usage | None = None,
              stopping: asyncio.Event | None = None, limits: Limits | None = None,
              before_send: Callable[[], None] | None = None, base_dir: str | None = None,
-             keep_files: bool = False) -> "CaptionSession":
+             keep_files: bool = False, observer: "Observer | None" = None) -> "CaptionSession":
         """A session on the running event loop. ``usage``: where it counts what it pays (a run's
         own); ``stopping``: set to send nothing more; ``limits``: a cluster's share instead of this
         process's own buckets; ``before_send``: the budget check; ``base_dir``: where relative image
-        paths point; ``keep_files``: keep the bytes of image files read by path, for the shard writer."""
+        paths point; ``keep_files``: keep the bytes of image files read by path, for the shard writer;
+        ``observer``: told of failed attempts and of this process's limits moving (the events log)."""
         usage = usage if usage is not None else Usage()
         sender = Sender(open_model_call(self.model, llm=llm, processes=self.processes),
                         limits if limits is not None else RateLimits(self.limits.requests_per_minute,
-                                                                     self.limits.tokens_per_minute),
+                                                                     self.limits.tokens_per_minute, observer=observer),
                         usage=usage, max_concurrency=self.limits.max_concurrency,
                         max_attempts=self.retry.max_attempts, max_wait_s=self.retry.max_wait_s,
                         stopping=stopping if stopping is not None else asyncio.Event(),
-                        refusal=describe_refusal(self.model, llm), before_send=before_send)
+                        refusal=describe_refusal(self.model, llm), before_send=before_send, observer=observer)
         images = ImagePreparer(self.image, self.model, prep_pool, base_dir=base_dir, keep_files=keep_files)
         return CaptionSession(self.prompts, images, sender, self.open_bought(), self.prompt_asks(llm),
                               self.retry.invalid_answer_attempts, output_budget=self.model.max_tokens or 300)
