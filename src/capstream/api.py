@@ -5,6 +5,7 @@
     >>> ds[0]["caption"], ds[0]["error"]
 
 ``run()`` is the same work returning the run's summary instead of the dataset; the CLI uses it.
+``batch_status()`` and ``cancel_batches()`` look at and cancel a batch run's batches (``run.backend: batch``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ from typing import Any
 
 import datasets
 
-from .config import Config, resolve_config
+from .backends.batch import FileStatus
+from .backends.batch import batch_status as _batch_status
+from .backends.batch import cancel_batches as _cancel_batches
+from .config import Config, config_from_dict, resolve_config
 from .core.run import RunResult
 from .errors import ConfigError, Interrupted, RunStopped
+from .io.files import read_state
 from .io.layout import OutputLayout
 from .io.store import Manifest, RunStore
+from .model.settings import ModelConfig
 from .setup import plan_run
 
 
@@ -64,6 +70,35 @@ def caption_dataset(source: Any, config: Config | dict | str | None = None, *, l
     return load_output(result.store)
 
 
+def batch_status(out_dir: str | os.PathLike, *, live: bool = True) -> list[FileStatus]:
+    """``capstream status OUT_DIR``: each request file of a batch run, and its batch as the provider
+    shows it now (``live=False``, or without the API key: as the folder last saw it)."""
+    layout, model = _batch_folder(out_dir)
+    if live:
+        try:
+            model.api_key()
+        except ConfigError:
+            live = False
+    return _batch_status(layout, model if live else None)
+
+
+def cancel_batches(out_dir: str | os.PathLike) -> list[str]:
+    """``capstream cancel OUT_DIR``: cancel the run's batches still running at the provider; their
+    ids. The next ``capstream run`` collects what they answered and submits the rest again."""
+    layout, model = _batch_folder(out_dir)
+    model.api_key()  # ConfigError naming the variable when it is unset
+    return _cancel_batches(layout, model)
+
+
+def _batch_folder(out_dir: str | os.PathLike) -> tuple[OutputLayout, ModelConfig]:
+    """The folder's layout and the model its run used (from its saved config, secrets never saved)."""
+    layout = OutputLayout(out_dir, "train")  # the split names shards only: not read here
+    saved = read_state(layout.saved_config)
+    if saved is None:
+        raise ConfigError(f"{out_dir}: not a capstream output folder (no {layout.saved_config})")
+    return layout, config_from_dict(saved, source=str(layout.saved_config)).model
+
+
 def load_output(output: RunStore | str | os.PathLike) -> datasets.Dataset:
     """The output folder's shards as one Dataset, in source order, as they are now (``output``: the
     folder, or a run's ``RunResult.store``). ``datasets.load_dataset(folder)`` does the same for the
@@ -83,4 +118,4 @@ def _split_of(folder: Path) -> str:
     return manifest.split
 
 
-__all__ = ["caption_dataset", "run", "RunResult", "Interrupted", "load_output"]
+__all__ = ["caption_dataset", "run", "RunResult", "Interrupted", "load_output", "batch_status", "cancel_batches"]

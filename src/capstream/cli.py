@@ -1,4 +1,4 @@
-"""``capstream run | validate | estimate | preview | push | view``: a thin layer over the library.
+"""``capstream run | validate | estimate | preview | push | status | cancel | view``: a thin layer over the library.
 
 Exit codes: 0 every row processed (rows with errors included), 1 the run stopped early (state saved,
 rerun to resume), 2 bad config or arguments (nothing started), 130 stopped by Ctrl-C (resumable).
@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--sample", action="store_true", help="N rows picked at random instead of the first N")
     preview.add_argument("--seed", type=int, help="with --sample: the same rows again")
     preview.add_argument("--log-file", metavar="PATH", help="append the full log to PATH")
+
+    status = sub.add_parser("status", help="show a batch run's request files and their batches (run.backend: batch)")
+    status.add_argument("out_dir", help="the run's output folder (output.dir)")
+    status.add_argument("--offline", action="store_true", help="as the folder last saw them: ask the provider nothing")
+    cancel = sub.add_parser("cancel", help="cancel a batch run's batches at the provider (rerun to submit the rest)")
+    cancel.add_argument("out_dir", help="the run's output folder (output.dir)")
 
     push = sub.add_parser("push", help="push a run's output folder (finished or partial) to a Hub dataset repo")
     push.add_argument("out_dir", help="the run's output folder (output.dir)")
@@ -195,6 +201,40 @@ def _preview(args) -> int:
     return EXIT_OK
 
 
+def _status(args) -> int:
+    from .api import batch_status
+
+    try:
+        files = batch_status(args.out_dir, live=not args.offline)
+    except RunStopped as err:
+        print(f"capstream: {err}", file=sys.stderr)
+        return EXIT_STOPPED
+    for f in files:
+        seen = f" ({f.completed:,} done, {f.failed:,} failed)" if f.batch_id and f.state != "collected" else ""
+        collected = (", ".join(f"{v:,} {k}" for k, v in f.counts.items() if v) if f.state == "collected" else "")
+        print(f"{f.name}  {f.requests:,} requests  {f.state}{seen}  {f.batch_id or '-'}  {collected}".rstrip())
+    states = {}
+    for f in files:
+        states[f.state] = states.get(f.state, 0) + 1
+    print(f"{len(files)} request file(s): " + ", ".join(f"{n} {state}" for state, n in states.items()))
+    return EXIT_OK
+
+
+def _cancel(args) -> int:
+    from .api import cancel_batches
+
+    try:
+        cancelled = cancel_batches(args.out_dir)
+    except RunStopped as err:
+        print(f"capstream: {err}", file=sys.stderr)
+        return EXIT_STOPPED
+    for batch_id in cancelled:
+        print(f"cancelled {batch_id}")
+    print(f"capstream: {len(cancelled)} batch(es) cancelled; a rerun collects what they answered and submits the "
+          "rest again", file=sys.stderr)
+    return EXIT_OK
+
+
 def _push(args) -> int:
     from .io.hub import push_folder, push_target
 
@@ -259,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _log_to(getattr(args, "log_file", None))
         return {"run": _run, "validate": _validate, "estimate": _estimate, "preview": _preview,
-                "push": _push, "view": _view}[args.command](args)
+                "push": _push, "status": _status, "cancel": _cancel, "view": _view}[args.command](args)
     except ConfigError as err:
         _report(f"capstream: config error: {err}")
         return EXIT_CONFIG

@@ -1,6 +1,6 @@
 """The run configuration: pydantic models mirroring the YAML file.
 
-Sections: ``dataset``, ``model``, ``prompt``, ``image``, ``limits``, ``retry``, ``run``, ``output``
+Sections: ``dataset``, ``model``, ``prompt``, ``image``, ``limits``, ``retry``, ``run``, ``batch``, ``output``
 (``model`` is defined with the chat-model builders, ``model/settings.py``: worker processes rebuild it
 alone). Unknown keys are refused. ``${VAR}`` in string values is read from the environment, and
 ``--set section.key=value`` overrides any key before validation, so the schema types it. A config is
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from .cost.pricing import check_cost_settings
 from .errors import ConfigError
-from .model.settings import ModelConfig, redact_url
+from .model.settings import OPENAI_COMPATIBLE, ModelConfig, redact_url
 from .row.prompts import compile_prompts
 from .row.results import metadata_features
 
@@ -156,13 +156,44 @@ class RunConfig(_Section):
     max_cost_usd: float | None = Field(default=None, gt=0, description=(
         "Stop (exit 1, resumable) once the USD spent into `output.dir`, all runs together, reaches this; "
         "needs a known price (exit 2 otherwise)."))
-    backend: Literal["local", "ray"] = Field(default="local", description=(
+    backend: Literal["local", "ray", "batch"] = Field(default="local", description=(
         "`local`: this process (and `workers`) does everything. `ray`: Ray Data reads the input and caption "
         "actors on a Ray cluster send the requests under one cluster-wide rate limit "
-        "(needs `pip install 'capstream[ray]'`)."))
+        "(needs `pip install 'capstream[ray]'`). `batch`: the requests go through the provider's Batch API "
+        "(`/v1/files`, `/v1/batches`) at its batch price, answers within `batch.completion_window` (see `batch`)."))
     ray_address: str | None = Field(default=None, description=(
         "With `backend: ray`, the cluster to join (`auto`, `ray://head:10001`, ...); null: the `RAY_ADDRESS` "
         "variable, else a local Ray started for the run and stopped after it."))
+
+
+class BatchConfig(_Section):
+    """``run.backend: batch``: the provider's Batch API (OpenAI's, Azure OpenAI's, any server with the same
+    ``/v1/files`` and ``/v1/batches``)."""
+
+    max_requests: int = Field(default=50_000, ge=1, description=(
+        "Requests per request file (one batch each); OpenAI takes at most 50,000."))
+    max_bytes: int = Field(default=190_000_000, ge=1_000, description=(
+        "Bytes per request file; OpenAI takes at most 200 MB. A single request larger than this stops the run "
+        "(lower `image.max_side`)."))
+    completion_window: str = Field(default="24h", description=(
+        "How long the provider may take for a batch (OpenAI accepts only `24h`); lines not done by then expire "
+        "and are submitted again (`max_resubmits`)."))
+    poll_s: float = Field(default=15.0, gt=0, description=(
+        "First wait between two looks at the batches in flight, in seconds; each wait is 1.5 times the last, up "
+        "to 20 times this, and starts again from it when a batch changes state."))
+    max_resubmits: int = Field(default=2, ge=0, description=(
+        "How many later batches a request the server failed (5xx) or did not finish (expired, cancelled) is "
+        "submitted in again; after that it is an error row (`--retry-errors` asks again)."))
+    submit: bool = Field(default=True, description=(
+        "`false`: write the request files (OpenAI batch format, under `.capstream/batch/`) and submit nothing; "
+        "put the result files into `.capstream/batch/results/` and run again to read them in."))
+
+    @field_validator("completion_window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        if not re.fullmatch(r"[1-9]\d*h", v):
+            raise ValueError("expected a number of hours such as 24h")
+        return v
 
 
 class OutputConfig(_Section):
@@ -237,6 +268,8 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Concurrency and rate limits.")
     retry: RetryConfig = Field(default_factory=RetryConfig, description="Retries of failed requests.")
     run: RunConfig = Field(default_factory=RunConfig, description="How the run is carried out.")
+    batch: BatchConfig = Field(default_factory=BatchConfig, description=(
+        "The provider's Batch API, for `run.backend: batch` (half the price, answers within a day)."))
     output: OutputConfig = Field(default_factory=OutputConfig, description="The output folder and the Hub push.")
 
     # Keys whose change changes the answers or which rows they belong to: a run directory made with
@@ -271,6 +304,10 @@ class Config(_Section):
         if self.output.metadata:
             metadata_features(prompts)  # no metadata column may be an answer column
         check_cost_settings(self.model, self.image, self.run.max_cost_usd)
+        if self.run.backend == "batch" and self.model.provider not in OPENAI_COMPATIBLE:
+            raise ConfigError(f"run.backend: batch sends through an OpenAI-compatible Batch API; model.provider "
+                              f"{self.model.provider!r} has none (use openai, for any server with /v1/batches, "
+                              "or azure)")
         return self
 
     def prompt_specs(self) -> list[tuple[str, "PromptConfig", str]]:

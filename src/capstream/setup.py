@@ -6,7 +6,7 @@
                      RowShape (prompts, the columns they read, the output's features)
                      SessionSpec (what every caption session is made of)
                      HubExporter (output.push_to_hub)
-                     RunCore + a backend (local, ray)
+                     RunCore + a backend (local, ray, batch)
 
 Everything that can be checked is checked before anything is written: the key, the folder's
 fingerprint, the input's columns, the prompts' placeholders. Only then is the folder opened.
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .backends.batch import BatchBackend, batches_in_flight, end_batch_round
 from .backends.local import LocalBackend
 from .backends.ray import RayBackend, RayInput  # Ray itself is imported only when that backend runs
 from .config import Config, ResumeChanges
@@ -95,8 +96,8 @@ def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = 
     ``config.dataset``. ConfigError before anything is written; RunStopped when the input cannot be
     reached."""
     started = time.time() if started is None else started
-    if config.run.backend == "ray" and llm is not None:
-        raise ConfigError("run.backend: ray builds the model on every worker from config.model; llm= in code "
+    if config.run.backend in ("ray", "batch") and llm is not None:
+        raise ConfigError(f"run.backend: {config.run.backend} builds the model from config.model; llm= in code "
                           "is for the local backend")
     spec = session_spec(config, llm)
     fingerprint = config.fingerprint()
@@ -105,6 +106,7 @@ def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = 
     store = RunStore(OutputLayout(config.output.dir or default_output_dir(config, fingerprint), config.dataset.split))
     changes = ResumeChanges(retry_errors=retry_errors)
     store.check(fingerprint, config.run.chunk_size, overwrite=overwrite, changes=changes)  # before any download
+    _check_batches_in_flight(store.layout, config.run.backend, overwrite)
     if data is None or config.output.push_to_hub:
         bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
     source: Source | RayInput = (RayInput.open(config.dataset, data) if config.run.backend == "ray"
@@ -117,18 +119,36 @@ def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = 
     resuming = store.open(fingerprint, config.run.chunk_size, overwrite=overwrite, changes=changes,
                           retry_errors=retry_errors)
     store.save_config(config.redacted())
+    if config.run.backend != "batch":
+        end_batch_round(store.layout)
     exporter = (HubExporter.from_config(store.dir, config.output, config.dataset.split)
                 if config.output.push_to_hub else None)
     core = RunCore(config, store, shape, retry_errors=retry_errors, exporter=exporter, total_rows=source.num_rows,
                    show_progress=show_progress, started=started, resuming=resuming)
     run = config.run
-    if run.backend == "ray":
-        backend: Backend = RayBackend(source, spec, chunk_size=run.chunk_size, window_chunks=run.window_chunks,
+    if run.backend == "batch":
+        backend: Backend = BatchBackend(source, spec, config.batch, chunk_size=run.chunk_size,
+                                        prep_threads=run.prep_threads, handle_signals=handle_signals)
+    elif run.backend == "ray":
+        backend = RayBackend(source, spec, chunk_size=run.chunk_size, window_chunks=run.window_chunks,
                                       workers=run.workers, prep_threads=run.prep_threads, ray_address=run.ray_address)
     else:
         backend = LocalBackend(source, spec, llm=llm, chunk_size=run.chunk_size, window_chunks=run.window_chunks,
                                prep_threads=run.prep_threads, handle_signals=handle_signals)
     return RunPlan(core, backend)
+
+
+def _check_batches_in_flight(layout: OutputLayout, backend: str, overwrite: bool) -> None:
+    """ConfigError when batches of the folder may still be running at the provider and the run would
+    not collect them (another backend would buy their rows again; --overwrite would drop them)."""
+    if backend == "batch" and not overwrite:
+        return
+    running = batches_in_flight(layout)
+    if running:
+        raise ConfigError(
+            f"output.dir {str(layout.dir)!r} has {running} batch(es) at the provider not collected yet "
+            f"(capstream status {layout.dir}): run with run.backend: batch to collect them, or cancel them first "
+            f"(capstream cancel {layout.dir})")
 
 
 __all__ = ["plan_run", "session_spec", "default_output_dir", "RunPlan"]

@@ -409,3 +409,28 @@ def test_ray_backend_pushes_to_the_hub(hub, server, source_rows, tmp_path):
     assert_no_secret(hub, "alice/captions-ray")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "ray" and summary["hub"]["shards"] == len(shards)
+
+
+def test_batch_backend_reads_from_and_pushes_to_the_hub(hub, source_rows, tmp_path):
+    """run.backend: batch with a Hub dataset in and output.push_to_hub: the chunks are read again from
+    the Hub to be written once their batches are collected, and pushed as they are written."""
+    from capstream.testing.batch_server import FakeBatchOpenAI
+
+    rows, broken, parquet = source_rows
+    hub.add_repo("alice/images", {"data/train-00000-of-00001.parquet": parquet}, private=True)
+    out = tmp_path / "out"
+    with FakeBatchOpenAI(step_s=0.02) as server:
+        config = write_config(tmp_path / "c.yaml", server.url, "unused", out, run={"chunk_size": 32, "backend": "batch"},
+                              dataset={"path": "alice/images", "data_files": None, "streaming": True},
+                              batch={"poll_s": 0.02, "max_requests": 50}, model={"name": "gpt-4o-mini"},
+                              output={"hub_timeout_s": 10, "push_to_hub": "alice/captions-batch", "push_every": 2})
+        result = run_cli("run", str(config))
+        assert result.returncode == 0, result.stderr
+        assert server.creates == 3
+    check_output(out, rows, broken)
+    check_rows(load_repo("alice/captions-batch", split="train"), rows, broken)
+    shards = sorted(p.name for p in (out / "data").glob("*.parquet"))
+    assert sorted(hub.files("alice/captions-batch")) == sorted(
+        [".gitattributes", "README.md"] + [f"data/{s}" for s in shards])
+    assert_no_secret(hub, "alice/captions-batch")
+    assert "prices: table:2025-04-14, Batch API" in hub.files("alice/captions-batch")["README.md"].decode()

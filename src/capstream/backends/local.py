@@ -75,7 +75,7 @@ class LocalBackend:
     async def _main(self, core: RunCore, pool: ThreadPoolExecutor) -> None:
         stopping = asyncio.Event()  # set by a failure or a stop request: no new request is sent
         self._stop_on_loop = (asyncio.get_running_loop(), stopping)
-        with _stop_on_signals(stopping) if self.handle_signals else contextlib.nullcontext():
+        with stop_on_signals(stopping) if self.handle_signals else contextlib.nullcontext():
             session = self.spec.open(prep_pool=pool, llm=self.llm, usage=core.usage, stopping=stopping,
                                      before_send=core.budget, base_dir=self.source.base_dir, keep_files=True,
                                      keep_downloads=core.embeds_downloads, observer=core.events)
@@ -240,10 +240,13 @@ def run_on_own_loop(coro: Coroutine) -> Any:
     return box["value"]
 
 
+STOPPING_MESSAGE = "finishing the requests in flight and saving (Ctrl-C again to quit at once)"
+
+
 @contextlib.contextmanager
-def _stop_on_signals(stopping: asyncio.Event):
+def stop_on_signals(stopping: asyncio.Event, message: str = STOPPING_MESSAGE):
     """First Ctrl-C (or SIGTERM): stop taking rows and finish in-flight ones. Second: exit at once.
-    Installed only on the main thread's loop (a run from the CLI)."""
+    Installed only on the main thread's loop (a run from the CLI); ``message`` says what the first does."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -253,8 +256,7 @@ def _stop_on_signals(stopping: asyncio.Event):
         if stopping.is_set():
             print("\ncapstream: stopping now; rerun the same command to resume", file=sys.stderr, flush=True)
             os._exit(130)
-        print("\ncapstream: finishing the requests in flight and saving (Ctrl-C again to quit at once)",
-              file=sys.stderr, flush=True)
+        print(f"\ncapstream: {message}", file=sys.stderr, flush=True)
         stopping.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -266,4 +268,4 @@ def _stop_on_signals(stopping: asyncio.Event):
             loop.remove_signal_handler(sig)
 
 
-__all__ = ["LocalBackend", "run_on_own_loop"]
+__all__ = ["LocalBackend", "run_on_own_loop", "stop_on_signals"]

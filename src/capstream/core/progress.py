@@ -137,4 +137,4 @@ def _reused_text(summary: RunSummary) -> str | None:
 
 def _prices_text(prices: dict) -> str:
     return (f"${prices.get('input_per_mtok'):g} in / ${prices.get('output_per_mtok'):g} out per million tokens "
-            f"({prices.get('source')})")
+            f"({prices.get('source')}{', Batch API' if prices.get('batch') else ''})")

@@ -170,7 +170,8 @@ class RunCore:
         self.rows_from_log = 0  # rows whose answers an earlier run had already received
         self.unwritten: dict[int, ChunkWork] = {}  # chunks opened whose shard is not written yet
         self.usage = Usage()  # what this run's requests paid (the backends' senders count into it)
-        self.meter = CostMeter(Prices.of(config.model), self.usage, before=store.paid_tokens())
+        self.meter = CostMeter(Prices.of(config.model, batch=config.run.backend == "batch"), self.usage,
+                               before=store.paid_tokens())
         self.budget = (BudgetGuard(self.meter, config.run.max_cost_usd, str(store.dir))
                        if config.run.max_cost_usd is not None else None)
         self.progress = ProgressBar(total_rows, self.rows, self.meter, enabled=show_progress and not self.nothing_to_do,
@@ -184,6 +185,25 @@ class RunCore:
     def open_chunk(self, chunk: Chunk) -> ChunkWork:
         """The chunk's rows: those whose every answer is logged are done, the rest are to ask.
         RunStopped when the rows read lack a column the run needs."""
+        results: list[RowResult | None] = [None] * len(chunk)
+        todo = []
+        for offset, key, known, make in self._rows(chunk):
+            self.logged.pop(_hashable(key), None)
+            results[offset] = row_result(self.shape.prompts, known)
+            if results[offset] is not None:
+                self.rows_from_log += 1
+            else:
+                todo.append(make())
+        work = self.unwritten[chunk.index] = ChunkWork(chunk, results, todo)
+        return work
+
+    def peek_chunk(self, chunk: Chunk) -> list[RowToDo]:
+        """The chunk's rows to ask, as ``open_chunk`` gives them, without taking the logged answers:
+        a backend that asks now and writes the chunk later (the batch backend) opens it then."""
+        return [make() for _, _, known, make in self._rows(chunk) if row_result(self.shape.prompts, known) is None]
+
+    def _rows(self, chunk: Chunk):
+        """(offset, key, logged answers, a RowToDo maker) of each row of the chunk."""
         shape, columns = self.shape, chunk.columns
         images = columns.get(shape.image_column)
         if images is None:
@@ -192,25 +212,26 @@ class RunCore:
         if missing:
             raise RunStopped(f"prompt placeholder {{{missing[0]}}}: no column {missing[0]!r} in the rows read")
         keys = columns[shape.key_column] if shape.key_column else range(chunk.start, chunk.start + len(chunk))
-        results: list[RowResult | None] = [None] * len(chunk)
-        todo = []
         for offset, key in enumerate(keys):
-            known = self.logged.pop(_hashable(key), {})
-            results[offset] = row_result(shape.prompts, known)
-            if results[offset] is not None:
-                self.rows_from_log += 1
-            else:
+            known = self.logged.get(_hashable(key), {})
+
+            def make(offset: int = offset, key: Any = key, known: dict = known) -> RowToDo:
                 row = {name: columns[name][offset] for name in shape.template_columns}
-                todo.append(RowToDo(offset, key, images[offset], row, known))
-        work = self.unwritten[chunk.index] = ChunkWork(chunk, results, todo)
-        return work
+                return RowToDo(offset, key, images[offset], row, known)
+
+            yield offset, key, known, make
 
     def answer_log(self, work: ChunkWork, key: Any) -> RecordAnswer:
         """``record(prompt, answer)`` for one row: appends each answer to this process's results log."""
         def record(prompt: str, answer: PromptAnswer) -> None:
-            self.store.log_answer(LogRecord.of(work.index, key, prompt, answer))
+            self.log_answer(work.index, key, prompt, answer)
 
         return record
+
+    def log_answer(self, chunk_index: int, key: Any, prompt: str, answer: PromptAnswer) -> None:
+        """Append one answer to this process's results log (a backend holding no ``ChunkWork`` for the
+        chunk while its answers come in: the batch backend)."""
+        self.store.log_answer(LogRecord.of(chunk_index, key, prompt, answer))
 
     def row_done(self, work: ChunkWork, offset: int, result: RowResult) -> bool:
         """A row the backend captioned: counted, shown, its error logged (INFO: ``--log-file``);

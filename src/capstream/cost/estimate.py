@@ -77,6 +77,7 @@ class Estimate:
     price_source: str  # "config", "table:<date>", "config+table:<date>", "mock" (free), "unknown"
     cost_usd: float | None
     unusable_rows: list[UnusableRow] = field(default_factory=list)  # the first SHOWN_UNUSABLE read, by key
+    priced_for_batch: bool = False  # run.backend: batch: the Batch API's prices
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,10 +113,14 @@ class Estimate:
                 *(f"                  {row.key}: {row.error}" for row in self.unusable_rows)]
 
     def _price_text(self) -> str:
+        mode = "; priced for run.backend batch" if self.priced_for_batch else ""
         if self.price_source.startswith(("table", "config+table")):
-            return (f"OpenAI's list price of {self.price_source.rsplit(':', 1)[1]}; override with "
-                    "model.price_input_per_mtok / model.price_output_per_mtok")
-        return {"config": "from the config", "mock": "the mock provider is free"}.get(self.price_source, self.price_source)
+            kind = "Batch API price" if self.priced_for_batch else "list price"
+            return (f"OpenAI's {kind} of {self.price_source.rsplit(':', 1)[1]}; override with "
+                    f"model.price_input_per_mtok / model.price_output_per_mtok{mode}")
+        source = {"config": "from the config", "mock": "the mock provider is free"}.get(self.price_source,
+                                                                                        self.price_source)
+        return source + mode
 
     def _rows_text(self) -> str:
         if not self.rows_exact:
@@ -162,7 +167,8 @@ def estimate(config: Config, *, sample: int | None = None, data: Any = None) -> 
     max_tokens = config.model.max_tokens
     caps = [dict(p.options).get("max_tokens") or max_tokens for p in prompts]
     output_tokens = usable * sum(caps) if None not in caps else None
-    price_in, price_out, price_source = prices(config.model)
+    batch = config.run.backend == "batch"
+    price_in, price_out, price_source = prices(config.model, batch=batch)
     return Estimate(
         rows=rows, rows_exact=rows_exact, rows_source=rows_source, rows_read=rows_read, requests=requests,
         unusable_images=rows - usable, image_tokens=image_tokens, prompt_tokens_per_request=per_request,
@@ -170,6 +176,7 @@ def estimate(config: Config, *, sample: int | None = None, data: Any = None) -> 
         max_tokens=max_tokens, output_tokens=output_tokens, model=config.model.name,
         price_input_per_mtok=price_in, price_output_per_mtok=price_out, price_source=price_source,
         cost_usd=cost_usd(input_tokens, output_tokens, price_in, price_out), unusable_rows=found.first_unusable(),
+        priced_for_batch=batch,
     )
 
 

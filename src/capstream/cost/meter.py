@@ -26,21 +26,26 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Prices:
-    """USD per million input / output tokens (None: unknown) and where they come from."""
+    """USD per million input / output tokens (None: unknown) and where they come from; ``batch``:
+    the Batch API's prices (``run.backend: batch``)."""
 
     input_per_mtok: float | None
     output_per_mtok: float | None
     source: str  # "config", "table:<date>", "config+table:<date>", "mock", "unknown"
+    batch: bool = False
 
     @classmethod
-    def of(cls, model: "ModelConfig") -> "Prices":
-        return cls(*prices(model))
+    def of(cls, model: "ModelConfig", *, batch: bool = False) -> "Prices":
+        return cls(*prices(model, batch=batch), batch=batch)
 
     def usd(self, input_tokens: int, output_tokens: int) -> float | None:
         return cost_usd(input_tokens, output_tokens, self.input_per_mtok, self.output_per_mtok)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"input_per_mtok": self.input_per_mtok, "output_per_mtok": self.output_per_mtok, "source": self.source}
+        data = {"input_per_mtok": self.input_per_mtok, "output_per_mtok": self.output_per_mtok, "source": self.source}
+        if self.batch:  # only where it says something: summaries of online runs keep their keys
+            data["batch"] = True
+        return data
 
 
 class CostMeter:

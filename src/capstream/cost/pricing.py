@@ -4,8 +4,9 @@ tokens-per-minute limiter, ``image.max_tokens_per_image`` and the live cost all 
 ``image_rule(model)``.
 
 Prices are OpenAI's standard-tier list prices as published on 2025-04-14 (the GPT-4.1 launch;
-https://openai.com/api/pricing). Prices change: override them with ``model.price_input_per_mtok``
-and ``model.price_output_per_mtok`` rather than trusting this table.
+https://openai.com/api/pricing), and its Batch API prices of the same page (half the list price
+for every model listed). Prices change: override them with ``model.price_input_per_mtok`` and
+``model.price_output_per_mtok`` rather than trusting this table.
 
 Image tokens differ by model (OpenAI's vision guide, "Calculating costs"): GPT-4o and GPT-4.1
 count 85 + 170 per 512 px tile (capstream's ``openai_image_tokens``, also used for every model not
@@ -84,18 +85,21 @@ class ModelBilling:
     input_per_mtok: float | None
     output_per_mtok: float | None
     image: Tiles | Patches
+    batch_input_per_mtok: float | None = None  # the Batch API's price (run.backend: batch)
+    batch_output_per_mtok: float | None = None
 
 
 DEFAULT_IMAGE_RULE = Tiles()  # capstream's openai_image_tokens: models not in the table
 
-# USD per million input / output tokens (standard tier, no batch or cache discount), taken on
-# PRICES_AS_OF. Users should override with model.price_input_per_mtok / model.price_output_per_mtok.
+# USD per million input / output tokens (standard tier, no cache discount), then the Batch API's
+# (half of them), taken on PRICES_AS_OF. Users should override with model.price_input_per_mtok /
+# model.price_output_per_mtok.
 PRICES: dict[str, ModelBilling] = {
-    "gpt-4o": ModelBilling(2.50, 10.00, Tiles()),
-    "gpt-4o-mini": ModelBilling(0.15, 0.60, Tiles(2833, 5667)),
-    "gpt-4.1": ModelBilling(2.00, 8.00, Tiles()),
-    "gpt-4.1-mini": ModelBilling(0.40, 1.60, Patches(1.62)),
-    "gpt-4.1-nano": ModelBilling(0.10, 0.40, Patches(2.46)),
+    "gpt-4o": ModelBilling(2.50, 10.00, Tiles(), 1.25, 5.00),
+    "gpt-4o-mini": ModelBilling(0.15, 0.60, Tiles(2833, 5667), 0.075, 0.30),
+    "gpt-4.1": ModelBilling(2.00, 8.00, Tiles(), 1.00, 4.00),
+    "gpt-4.1-mini": ModelBilling(0.40, 1.60, Patches(1.62), 0.20, 0.80),
+    "gpt-4.1-nano": ModelBilling(0.10, 0.40, Patches(2.46), 0.05, 0.20),
 }
 
 _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")  # gpt-4o-2024-08-06 is gpt-4o
@@ -165,14 +169,15 @@ def sent_size(image: "ImageConfig", model: str) -> Callable[[int, int], tuple[in
 # ------------------------------------------------------------------------------------ USD
 
 
-def prices(model: "ModelConfig") -> tuple[float | None, float | None, str]:
+def prices(model: "ModelConfig", *, batch: bool = False) -> tuple[float | None, float | None, str]:
     """USD per million input and output tokens, and where they come from (``config``,
-    ``table:<date>``, ``config+table:<date>``, ``mock``: free, or ``unknown``)."""
+    ``table:<date>``, ``config+table:<date>``, ``mock``: free, or ``unknown``). ``batch``: the
+    table's Batch API prices (``run.backend: batch``); prices in the config are taken as given."""
     if model.provider == "mock":
         return 0.0, 0.0, "mock"
     billing = model_billing(model.name)
-    table_in = billing.input_per_mtok if billing else None
-    table_out = billing.output_per_mtok if billing else None
+    table_in = (billing.batch_input_per_mtok if batch else billing.input_per_mtok) if billing else None
+    table_out = (billing.batch_output_per_mtok if batch else billing.output_per_mtok) if billing else None
     price_in = model.price_input_per_mtok if model.price_input_per_mtok is not None else table_in
     price_out = model.price_output_per_mtok if model.price_output_per_mtok is not None else table_out
     from_config = [model.price_input_per_mtok is not None, model.price_output_per_mtok is not None]

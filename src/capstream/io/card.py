@@ -156,9 +156,10 @@ def _counts(summary: RunSummary) -> list[str]:
     if summary.cost_usd is not None:
         prices = summary.prices
         spent_on = "every answer received, all runs" if summary.complete else "the answers received so far"
+        batch = ", Batch API" if prices.get("batch") else ""
         lines += [f"Cost: ${summary.cost_usd:.4f} for {spent_on} (at "
                   f"${prices.get('input_per_mtok', 0):g} input / ${prices.get('output_per_mtok', 0):g} output per "
-                  f"million tokens; prices: {prices.get('source', '?')}).", ""]
+                  f"million tokens; prices: {prices.get('source', '?')}{batch}).", ""]
     lines.append(f"Complete: {'yes' if summary.complete else 'no (the run can be resumed)'}.")
     return lines
 

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
@@ -37,3 +39,11 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+
+
+def read_state(path: Path) -> Any:
+    """``read_json`` for a file of a run's state: ConfigError naming the file when it cannot be read."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None

@@ -36,7 +36,7 @@ from ..cost.meter import Prices
 from ..errors import ConfigError, HubError
 from ..model.retry import retry_after_s, transient_status
 from ..patches.hf_hub_clients import bound_hub_calls
-from .files import atomic_write_json, read_json
+from .files import atomic_write_json, read_state
 from .layout import STATE_DIR, OutputLayout, shard_index, shard_name
 from .store import Manifest
 from .summary import RunSummary
@@ -191,13 +191,6 @@ class PushResult:
 # ------------------------------------------------------------------------------------ the folder
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return read_json(path)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read: {err}") from None
-
-
 def _stamp(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
@@ -216,7 +209,7 @@ class _Folder:
     def read(cls, out_dir: str | Path) -> "_Folder":
         probe = OutputLayout(out_dir, "")  # the split is the manifest's
         manifest = Manifest.read(probe)
-        saved = _read_json(probe.saved_config)
+        saved = read_state(probe.saved_config)
         if manifest is None or saved is None:
             raise ConfigError(f"{probe.dir}: not a capstream output folder (no {STATE_DIR}/manifest.json)")
         try:
@@ -280,7 +273,7 @@ class PushSession:
         self._stale: list[str] = []  # files under our names that another run left in the repo
 
     def _marker(self) -> dict[str, Any]:
-        data = _read_json(self.marker_path) or {}
+        data = read_state(self.marker_path) or {}
         return data if isinstance(data, dict) else {}
 
     def pushed(self) -> dict[str, list[int]]:

@@ -11,6 +11,10 @@
     .capstream/results.jsonl      every answer, appended the moment it arrives (results_log.py)
     .capstream/results-<name>.jsonl   the log of one Ray actor
     .capstream/results.000001.jsonl   a sealed segment of a log, with its .summary.json
+    .capstream/batches.json       run.backend batch: the ledger of request files and their batches (batch_ledger.py)
+    .capstream/batch/requests-000001.jsonl        a request file (OpenAI batch format), its .index.jsonl beside it
+    .capstream/batch/requests-000001.<batch id>.output.jsonl   a batch's output (and .errors.jsonl), downloaded
+    .capstream/batch/results/     result files put back by hand (batch.submit: false)
     .capstream/events.jsonl       what happened as the run went: failed attempts, limits, starts (events_log.py)
     .capstream/events-<name>.jsonl    the events of one Ray actor (or of the cluster's limit broker)
     view/                         the site ``capstream view`` writes (gallery, run report)
@@ -96,6 +100,23 @@ class OutputLayout:
         """The results log a process appends to: ``results`` for a local run, ``results-ray-<n>``
         for a Ray actor."""
         return self.state / f"{name}.jsonl"
+
+    @property
+    def batch_ledger(self) -> Path:
+        return self.state / "batches.json"
+
+    @property
+    def batch_dir(self) -> Path:
+        """Request files, their indexes and the batches' downloaded files."""
+        return self.state / "batch"
+
+    @property
+    def batch_results(self) -> Path:
+        """Where result files of request files run elsewhere go (``batch.submit: false``)."""
+        return self.batch_dir / "results"
+
+    def request_file(self, number: int) -> Path:
+        return self.batch_dir / f"requests-{number:06d}.jsonl"
 
     def results_logs(self) -> list[Path]:
         """Every results log in the state folder (every process's, and their sealed segments)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError, ImageError, RunStopped
 from ..row.images import KeptFiles, load_image_bytes, url_of
 from ..row.results import RowCounts
-from .files import atomic_write_bytes, atomic_write_json, read_json
+from .files import atomic_write_bytes, atomic_write_json, read_state
 from .layout import OutputLayout
 from .results_log import LoggedAnswers, LogRecord, ResultsLog, paid_tokens, read_answers, remove_log, repair_tail
 
@@ -73,10 +74,7 @@ class Manifest:
     @classmethod
     def read(cls, layout: OutputLayout) -> "Manifest | None":
         """The folder's manifest, or None when it has none; ConfigError when it cannot be read."""
-        try:
-            data = read_json(layout.manifest)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{layout.manifest}: cannot read: {err}") from None
+        data = read_state(layout.manifest)
         if data is None:
             return None
         return cls(data.get("fingerprint") or {}, data.get("chunk_size"), data.get("split") or layout.split,
@@ -190,6 +188,9 @@ class RunStore:
         self.layout.manifest.unlink(missing_ok=True)
         for log in self.layout.results_logs():
             remove_log(log)
+        self.layout.batch_ledger.unlink(missing_ok=True)  # a batch run's (none in flight: setup.py checks)
+        if self.layout.batch_dir.is_dir():
+            shutil.rmtree(self.layout.batch_dir)
         for log in self.layout.events_logs():  # the run report's events belong to the run discarded
             log.unlink(missing_ok=True)
 

@@ -79,6 +79,16 @@ def translate(exc: BaseException) -> RequestFailed:
     return RequestFailed(failure, text, status, retry_after_s(exc), _rate_headers(headers))
 
 
+def answer_of(message: Any) -> Answer:
+    """A chat model's answer message as an ``Answer`` (an online reply, or a batch's line read by
+    ``chat_models.response_message``)."""
+    usage = getattr(message, "usage_metadata", None) or {}
+    metadata = getattr(message, "response_metadata", None) or {}
+    return Answer(answer_text(message), int(usage.get("input_tokens") or 0),
+                  int(usage.get("output_tokens") or 0), _rate_headers(metadata.get("headers")),
+                  metadata.get("finish_reason"), metadata.get("model_name") or metadata.get("model"))
+
+
 class ModelCall:
     """Send one request through a LangChain chat model, in this process. ``owns``: an HTTP client
     made for this call (and this event loop), closed by ``aclose``."""
@@ -97,11 +107,7 @@ class ModelCall:
             raise
         except Exception as exc:
             raise translate(exc) from None
-        usage = getattr(message, "usage_metadata", None) or {}
-        metadata = getattr(message, "response_metadata", None) or {}
-        return Answer(answer_text(message), int(usage.get("input_tokens") or 0),
-                      int(usage.get("output_tokens") or 0), _rate_headers(metadata.get("headers")),
-                      metadata.get("finish_reason"), metadata.get("model_name") or metadata.get("model"))
+        return answer_of(message)
 
     async def aclose(self) -> None:
         if self._http is not None:

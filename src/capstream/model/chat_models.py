@@ -124,6 +124,34 @@ def build_messages(text: str, system: str | None, data_url: str, detail: str) ->
     return messages
 
 
+# -- the Batch API: the body a request would have, and the answer read from a body --------------
+#
+# langchain-openai has no public name for either step (its own batch support, proposed upstream,
+# calls the same two methods), so they are called here and nowhere else; the tests compare a batch
+# line's body with what the same row sends over HTTP, and a batch answer with the online one.
+
+
+def can_build_bodies(llm: BaseChatModel) -> bool:
+    """Whether ``llm`` (an OpenAI-family chat model) can build request bodies and read answers."""
+    return hasattr(llm, "_get_request_payload") and hasattr(llm, "_create_chat_result")
+
+
+def request_body(llm: BaseChatModel, messages: list[BaseMessage], options: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body ``llm.ainvoke(messages, **options)`` sends to ``/chat/completions``."""
+    return llm._get_request_payload(messages, **options)
+
+
+def response_message(llm: BaseChatModel, body: dict[str, Any]) -> BaseMessage:
+    """The message ``llm.ainvoke`` returns for the chat completion ``body``: the chat model's own
+    reading, with the response metadata LangChain's ``ainvoke`` adds (the generation's info over
+    the model's output: ``finish_reason``, ``model_name``)."""
+    result = llm._create_chat_result(body)
+    generation = result.generations[0]
+    metadata = {**(result.llm_output or {}), **(generation.generation_info or {}),
+                **generation.message.response_metadata}
+    return generation.message.model_copy(update={"response_metadata": metadata})
+
+
 def answer_text(message: BaseMessage) -> str:
     """The text of a model's answer, whether its content is a string or a list of parts."""
     content = message.content

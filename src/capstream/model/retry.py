@@ -74,12 +74,15 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, (openai.APIConnectionError, httpx.TransportError, asyncio.TimeoutError, ConnectionError)):
         return Failure.TRANSIENT  # includes openai.APITimeoutError (a subclass of APIConnectionError)
     status = status_of(exc)
-    if status is not None:
-        if transient_status(status):
-            return Failure.TRANSIENT
-        if status in _FATAL_STATUSES:
-            return Failure.FATAL
-        return Failure.ROW
+    return status_failure(status) if status is not None else Failure.ROW
+
+
+def status_failure(status: int) -> Failure:
+    """What an HTTP error status means for the run (a reply's, or a Batch API line's)."""
+    if transient_status(status):
+        return Failure.TRANSIENT
+    if status in _FATAL_STATUSES:
+        return Failure.FATAL
     return Failure.ROW
 
 

@@ -83,13 +83,19 @@ class SessionSpec:
                         refusal=describe_refusal(self.model, llm), before_send=before_send, observer=observer)
         images = ImagePreparer(self.image, self.model, prep_pool, base_dir=base_dir, keep_files=keep_files,
                                keep_downloads=keep_downloads)
-        # The mock provider is free: nothing to keep.
-        bought = ResponseCache(self.cache_dir) if self.cache_dir and self.model.provider != "mock" else RecentAnswers()
-        asked_of = self.model.identity() if llm is None else {"llm": _llm_identity(llm)}
-        asks = {p.name: PromptAsk.of(p, asked_of, self.image.detail) for p in self.prompts}
-        return CaptionSession(self.prompts, images, sender, bought, asks, self.retry.invalid_answer_attempts,
-                              output_budget=self.model.max_tokens or 300,
+        return CaptionSession(self.prompts, images, sender, self.open_bought(), self.prompt_asks(llm),
+                              self.retry.invalid_answer_attempts, output_budget=self.model.max_tokens or 300,
                               row_slots=RowSlots(self.limits.max_concurrency, self.image.download_concurrency))
+
+    def open_bought(self) -> "ResponseCache | RecentAnswers":
+        """The answers bought before: the response cache, or this run's answers only (the cache off,
+        and the mock provider, which is free: nothing to keep)."""
+        return ResponseCache(self.cache_dir) if self.cache_dir and self.model.provider != "mock" else RecentAnswers()
+
+    def prompt_asks(self, llm: "BaseChatModel | None" = None) -> dict[str, "PromptAsk"]:
+        """Each prompt's fixed part of its requests, by prompt name (``llm``: a model given in code)."""
+        asked_of = self.model.identity() if llm is None else {"llm": _llm_identity(llm)}
+        return {p.name: PromptAsk.of(p, asked_of, self.image.detail) for p in self.prompts}
 
 
 def _llm_identity(llm: Any) -> str:
@@ -115,6 +121,10 @@ class PromptAsk:
     def of(cls, prompt: Prompt, asked_of: dict[str, Any], detail: str) -> "PromptAsk":
         return cls({**asked_of, **prompt.identity(), "detail": detail}, prompt.request_options(),
                    dict(prompt.options).get("max_tokens"))
+
+    def key(self, text: str, system: str | None, image_sha256: str) -> str:
+        """The content key of this prompt asked with ``text`` and ``system`` about an image."""
+        return content_key({**self.identity, "text": text, "system": system}, image_sha256)
 
 
 class ImagePreparer:
@@ -237,7 +247,7 @@ class CaptionSession:
         """One prompt's answer: from a request in flight, from the answers bought, or asked now."""
         text, system = prompt.render(row)
         ask = self.asks[prompt.name]
-        key = content_key({**ask.identity, "text": text, "system": system}, digest)
+        key = ask.key(text, system, digest)
         if key in self._in_flight:
             answer = await asyncio.shield(self._in_flight[key])
             answer = PromptAnswer(answer.value, answer.error, source="dedup", provenance=answer.provenance)
