@@ -17,9 +17,9 @@ from typing import Any
 
 import datasets
 
-from .backends.batch import FileStatus
-from .backends.batch import batch_status as _batch_status
-from .backends.batch import cancel_batches as _cancel_batches
+from .backends.batch_control import FileStatus
+from .backends.batch_control import batch_status as _batch_status
+from .backends.batch_control import cancel_batches as _cancel_batches
 from .config import Config, config_from_dict, resolve_config
 from .core.run import RunResult
 from .errors import ConfigError, Interrupted, RunStopped

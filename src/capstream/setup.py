@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .backends.batch import BatchBackend, batches_in_flight, end_batch_round
+from .backends.batch import BatchBackend
+from .backends.batch_control import batches_in_flight, end_batch_round
 from .backends.local import LocalBackend
 from .backends.ray import RayBackend, RayInput  # Ray itself is imported only when that backend runs
 from .config import Config, ResumeChanges

@@ -32,8 +32,8 @@
   continues the planning where the ledger says it got, keeps polling the batches in flight, adopts
   a batch made just before a kill (found by its metadata), collects those done, and never makes a
   second batch of the same file. Ctrl-C stops planning and polling: the batches go on at the
-  provider and a rerun picks them up. ``batch_status`` and ``cancel_batches`` are
-  ``capstream status`` and ``capstream cancel``.
+  provider and a rerun picks them up. ``capstream status`` and ``capstream cancel``
+  are ``batch_control.py``.
 * ``batch.submit: false`` writes the request files and submits nothing; result files put into
   ``.capstream/batch/results/`` are read by the next run.
 """
@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ..core.run import RowToDo, RunCore
@@ -59,7 +58,6 @@ from ..io.batch_ledger import (
     read_index,
     request_lines,
 )
-from ..io.layout import OutputLayout
 from ..io.results_log import records
 from ..io.source import Chunk, Source
 from ..model.batch_api import TOKEN_LIMIT, BatchAPI, BatchState, ResultLine, read_result_lines, request_line
@@ -70,7 +68,6 @@ from .local import run_on_own_loop, stop_on_signals
 
 if TYPE_CHECKING:
     from ..config import BatchConfig
-    from ..model.settings import ModelConfig
 
 PLAN_AHEAD = 2  # request files recorded and waiting for their batch before planning waits
 ROWS_AT_ONCE = 64  # rows whose images are prepared together while planning
@@ -369,7 +366,7 @@ class _BatchRun:
                 "capstream_try": str(len(record.tries)), "capstream_output": self.core.store.dir.name[:500]}
 
     def _created(self, record: RequestFile, state: BatchState) -> None:
-        record.created(_try(state))
+        record.created(BatchTry.of(state))
         self.ledger.save()
 
     def _wait_for_token_limit(self, record: RequestFile) -> None:
@@ -383,7 +380,7 @@ class _BatchRun:
         changed = False
         if batch.status not in ("completed", "expired", "cancelled"):  # a done batch's files are recorded
             state = await self.api.retrieve(batch.id)
-            changed = record.seen(_try(state))
+            changed = record.seen(BatchTry.of(state))
             if changed:
                 self.ledger.save()
             if state.status == "failed":
@@ -551,11 +548,6 @@ class _BatchRun:
         self.core.shard_written(work)
 
 
-def _try(state: BatchState) -> BatchTry:
-    return BatchTry(state.id, state.created_at, state.status, None, state.total, state.completed, state.failed,
-                    state.output_file_id, state.error_file_id)
-
-
 def _lines_of(paths: list) -> Iterable[ResultLine]:
     for path in paths:
         yield from read_result_lines(path)
@@ -565,99 +557,4 @@ def _hashable(key: Any) -> Any:
     return tuple(key) if isinstance(key, list) else key
 
 
-# -- capstream status / capstream cancel ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileStatus:
-    """One request file as ``capstream status`` shows it."""
-
-    name: str
-    requests: int
-    state: str
-    batch_id: str | None
-    completed: int
-    failed: int
-    counts: dict[str, int]
-
-
-def batch_status(layout: OutputLayout, model: "ModelConfig | None") -> list[FileStatus]:
-    """Every request file of the folder's batch run, with its batch as the provider shows it now
-    (``model``: None to show the ledger's last look only). ConfigError for a folder with none."""
-    ledger = _ledger_of(layout)
-    return run_on_own_loop(_status(ledger, model))
-
-
-async def _status(ledger: BatchLedger, model: "ModelConfig | None") -> list[FileStatus]:
-    api = BatchAPI(model, max_attempts=3, max_wait_s=5) if model is not None else None
-    try:
-        out = []
-        for record in ledger.files:
-            batch = record.batch
-            if api is not None and batch is not None and not record.collected:
-                batch = _try(await api.retrieve(batch.id))
-            out.append(FileStatus(record.name, record.requests, "collected" if record.collected else
-                                  (batch.status if batch is not None else record.state),
-                                  batch.id if batch is not None else None, batch.completed if batch else 0,
-                                  batch.failed if batch else 0, record.counts))
-        return out
-    finally:
-        if api is not None:
-            await api.aclose()
-
-
-def cancel_batches(layout: OutputLayout, model: "ModelConfig") -> list[str]:
-    """Cancel the folder's batches still running at the provider; their ids. What they answered is
-    collected by the next run, which submits the rest again."""
-    ledger = _ledger_of(layout)
-
-    async def cancel() -> list[str]:
-        api = BatchAPI(model, max_attempts=3, max_wait_s=5)
-        try:
-            cancelled = []
-            for record in ledger.open_files:
-                if record.batch is None:
-                    continue
-                state = await api.retrieve(record.batch.id)  # the ledger's last look may be old
-                if state.status in ("validating", "in_progress", "finalizing"):
-                    await api.cancel(state.id)
-                    cancelled.append(state.id)
-            return cancelled
-        finally:
-            await api.aclose()
-
-    return run_on_own_loop(cancel())
-
-
-def _ledger_of(layout: OutputLayout) -> BatchLedger:
-    from ..errors import ConfigError
-
-    ledger = BatchLedger.read(layout)
-    if ledger is None:
-        raise ConfigError(f"{layout.dir}: no batch run here (no {layout.batch_ledger})")
-    return ledger
-
-
-def batches_in_flight(layout: OutputLayout) -> int:
-    """How many of the folder's batches may still be running at the provider (0 without a ledger)."""
-    ledger = BatchLedger.read(layout)
-    if ledger is None:
-        return 0
-    return sum(f.batch is not None or f.creating_at is not None for f in ledger.open_files)
-
-
-def end_batch_round(layout: OutputLayout) -> None:
-    """A run of another backend into a folder of a batch run (none in flight: ``setup.py`` checks):
-    the request files not submitted are dropped and the round ends, so that a later batch run plans
-    again what is still to do, and buys nothing this run answered."""
-    ledger = BatchLedger.read(layout)
-    if ledger is None or ledger.settled:
-        return
-    for record in ledger.open_files:
-        ledger.settle(record, {"dropped": record.requests}, [])
-        ledger.remove_files_of(record)
-    ledger.planned(ledger.chunks or 0)
-
-
-__all__ = ["BatchBackend", "end_batch_round", "batch_status", "cancel_batches", "batches_in_flight", "FileStatus",
-           "PLAN_AHEAD"]
+__all__ = ["BatchBackend", "PLAN_AHEAD"]

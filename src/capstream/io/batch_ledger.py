@@ -34,11 +34,14 @@ import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import RunStopped
 from .files import atomic_write_json, read_state
 from .layout import OutputLayout
+
+if TYPE_CHECKING:
+    from ..model.batch_api import BatchState
 
 _CUSTOM_ID = re.compile(r"r(\d+)-c(\d+)-o(\d+)-p(\d+)-a(\d+)")
 _REQUEST_FILE = re.compile(r"requests-(\d{6})\.")
@@ -121,6 +124,12 @@ class BatchTry:
     failed: int = 0
     output_file_id: str | None = None
     error_file_id: str | None = None
+
+    @classmethod
+    def of(cls, state: "BatchState") -> "BatchTry":
+        """The batch as the provider showed it (``model/batch_api.BatchState``)."""
+        return cls(state.id, state.created_at, state.status, None, state.total, state.completed, state.failed,
+                   state.output_file_id, state.error_file_id)
 
 
 @dataclass
