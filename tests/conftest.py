@@ -122,6 +122,19 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 240, cwd: Path
     )
 
 
+def check_embedded(out_dir: Path, images: dict[int, bytes], missing: int, caption_of) -> None:
+    """A run's output with ``output.embed_images`` (column ``image``): each row's downloaded bytes and
+    its caption (``caption_of(i)``), except row ``missing``, whose URL answered 404."""
+    out = datasets.load_dataset(str(out_dir), split="train", cache_dir=tempfile.mkdtemp(prefix="hf-load-"))
+    out = out.cast_column("image", datasets.Image(decode=False))
+    assert len(out) == len(images)
+    for i, row in enumerate(out):
+        if i == missing:
+            assert row["image"] is None and row["error"].startswith("ImageError: download failed: HTTP 404")
+        else:
+            assert row["caption"] == caption_of(i) and row["image"]["bytes"] == images[i], i
+
+
 def load_out(out_dir: Path, split: str = "train") -> datasets.Dataset:
     # A fresh cache: datasets 5.2 caches a local folder by its name, not its path or content, so two
     # output folders both called "out" would otherwise share one cached copy.

@@ -25,7 +25,18 @@ from capstream.errors import BudgetReached, ConfigError, RunStopped
 from capstream.testing.batch_server import FakeBatchOpenAI
 from capstream.testing.openai_server import image_tokens as server_image_tokens
 
-from conftest import REPO, check_output, load_out, make_rows, run_cli, size_of_row, write_config, write_parquet
+from conftest import (
+    REPO,
+    check_embedded,
+    check_output,
+    jpeg,
+    load_out,
+    make_rows,
+    run_cli,
+    size_of_row,
+    write_config,
+    write_parquet,
+)
 
 PROMPTS = {  # two prompts: free text, and a schema with its own max_tokens; {alt} makes each row's text its own
     "caption": {"text": "Describe the image. Alt text: {alt}"},
@@ -422,8 +433,6 @@ def test_image_urls_in_a_batch_run_are_downloaded_and_embedded(batch_server, tmp
 
     from capstream.testing.image_host import FakeImageHost
 
-    from conftest import jpeg
-
     with FakeImageHost() as host:
         images = {i: jpeg(*size_of_row(i), colour=(i % 256, 60, 120)) for i in range(40)}
         host.images.update({f"/img/{i}.jpg": data for i, data in images.items()})
@@ -441,11 +450,4 @@ def test_image_urls_in_a_batch_run_are_downloaded_and_embedded(batch_server, tmp
         requests = dict(host.requests)
     assert result.summary.complete and batch_server.requests == 39
     assert requests == {f"/img/{i}.jpg": 1 if i == 7 else 2 for i in images}  # planned, then embedded
-    out = datasets.load_dataset(str(tmp_path / "batch"), split="train", cache_dir=str(tmp_path / "hf-load"))
-    out = out.cast_column("image", datasets.Image(decode=False))
-    for i, row in enumerate(out):
-        if i == 7:
-            assert row["image"] is None and row["error"].startswith("ImageError: download failed: HTTP 404")
-        else:
-            w, h = size_of_row(i)
-            assert row["caption"] == f"image {w}x{h}" and row["image"]["bytes"] == images[i], i
+    check_embedded(tmp_path / "batch", images, 7, lambda i: "image {}x{}".format(*size_of_row(i)))
