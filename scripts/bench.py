@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Throughput and memory benchmark: capstream against chunked LCEL ``abatch``, side by side, one run.
 
-Every scenario starts its own fake OpenAI-compatible server (tests/fake_openai.py, a separate
-process on 127.0.0.1) and runs, each in its own subprocess, against the same data:
+Every scenario starts its own fake OpenAI-compatible server (``capstream.testing.openai_server``, a
+separate process on 127.0.0.1) and runs, each in its own subprocess, against the same data:
 
 * capstream: ``capstream run`` with the scenario's config;
 * baseline: chunked LCEL ``abatch``, the common LangChain recipe: a plain LCEL chain (message builder | ChatOpenAI |
