@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import sys
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,6 +71,10 @@ def test_an_answer_as_text():
 def test_without_chromium_or_playwright_the_reason_is_given(monkeypatch):
     monkeypatch.delenv("CAPSTREAM_CHROMIUM", raising=False)
     monkeypatch.setattr(browser.shutil, "which", lambda name: None)
+    installed = types.ModuleType("playwright")  # Playwright there or not: the reason is the missing Chromium
+    installed.sync_api = types.ModuleType("playwright.sync_api")
+    monkeypatch.setitem(sys.modules, "playwright", installed)
+    monkeypatch.setitem(sys.modules, "playwright.sync_api", installed.sync_api)
     assert "apt-get install chromium" in browser.missing()
     monkeypatch.setitem(sys.modules, "playwright.sync_api", None)  # import fails
     assert "pip install -e '.[browser]'" in browser.missing()
