@@ -146,6 +146,12 @@ def test_at_most_five_redirects(host):
         fetch(host.url("/hop0"), **PRIVATE)
 
 
+def test_a_redirect_to_what_is_not_a_url_is_the_rows_error(host):
+    host.redirects["/bad"] = "http://images.test:99999/a.jpg"  # a port out of range
+    with pytest.raises(ImageError, match="^download failed: a bad redirect"):
+        fetch(host.url("/bad"), **PRIVATE)
+
+
 def test_which_addresses_are_public():
     assert is_public_address("93.184.215.14") and is_public_address("2606:2800:21f:cb07:6820:80da:af6b:8b2c")
     for address in ("127.0.0.1", "169.254.169.254", "10.0.0.1", "::1", "::ffff:10.0.0.1", "fe80::1%eth0", "64:ff9b::a00:1"):
@@ -228,6 +234,19 @@ def test_opt_outs_are_honoured(host, tag, refused):
 def test_opted_out_reads_every_header_value():
     assert opted_out(["noindex", "otherbot: noai", "noimageai"]) == "noimageai"
     assert opted_out(["otherbot: noai"]) is None and opted_out([]) is None
+
+
+@pytest.mark.parametrize("value, found", [
+    ("noai, googlebot: noindex", "noai"),  # for every agent, then one for another agent
+    ("googlebot: noindex, capstream: noai", "noai"),  # one agent's, then ours
+    ("capstream: noai, googlebot: noindex", "noai"),
+    ("unavailable_after: 25 Jun 2030 15:00:00 PST, noai", "noai"),  # a directive with a value, not an agent
+    ("googlebot: noindex, noai", None),  # still googlebot's
+    ("otherbot: noml, noimageai", None),
+    ("NoAI", "noai"),
+])
+def test_opted_out_reads_several_directives_and_agents_in_one_value(value, found):
+    assert opted_out([value]) == found
 
 
 def test_the_user_agent_says_who_asks(host):

@@ -107,14 +107,24 @@ class PublicOnlyResolver(AbstractResolver):
 
 def opted_out(robots_tags: Sequence[str]) -> str | None:
     """The opt-out directive among ``X-Robots-Tag`` values (``noai``, ``noimageai``, ``noml``), for
-    every agent or for ``capstream`` ("capstream: noai"), or None."""
+    every agent or for ``capstream``, or None. A value is a list of directives; ``agent:`` in front
+    of one names the agent it and those after it are for ("noai, googlebot: noindex" opts out;
+    "googlebot: noindex, noai" does not; "googlebot: noindex, capstream: noai" does), and
+    ``unavailable_after: <date>`` is a directive with a value, not an agent.
+
+    >>> opted_out(["noindex, capstream: noai"])
+    'noai'
+    """
     for value in robots_tags:
-        agent, _, directives = value.rpartition(":")
-        if agent.strip() and agent.strip().lower() != AGENT_TOKEN:
-            continue  # a directive for another agent (e.g. "googlebot: noindex")
-        for directive in directives.split(","):
-            if directive.strip().lower() in OPT_OUTS:
-                return directive.strip().lower()
+        for_us = True  # directives before any agent's name are for every agent
+        for part in value.split(","):
+            name, colon, rest = part.partition(":")
+            name = name.strip().lower()
+            if colon and name != "unavailable_after":
+                for_us, part = name == AGENT_TOKEN, rest  # "agent: directive"
+            directive = part.strip().lower()
+            if for_us and directive in OPT_OUTS:
+                return directive
     return None
 
 
@@ -174,16 +184,19 @@ class ImageDownloads:
         self.allowed: Callable[[str], bool] = (lambda address: True) if image.allow_private_urls else allowed
         self.resolver = resolver
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: PublicOnlyResolver | None = None
         self._slots: asyncio.Semaphore | None = None
         self._in_flight: dict[str, asyncio.Future] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
+            self._resolver = PublicOnlyResolver(self.resolver, self.allowed)
             connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.per_host,
-                                             resolver=PublicOnlyResolver(self.resolver, self.allowed))
+                                             resolver=self._resolver)
+            # No cookie jar: cookies of millions of hosts would be kept for the whole run, for nothing.
             self._session = aiohttp.ClientSession(
                 connector=connector, headers={"User-Agent": self.user_agent},
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s), cookie_jar=aiohttp.DummyCookieJar())
             self._slots = asyncio.Semaphore(self.concurrency)
         return self._session
 
@@ -262,7 +275,11 @@ class ImageDownloads:
                     return
             if hop == MAX_REDIRECTS:
                 raise ImageError(f"download failed: more than {MAX_REDIRECTS} redirects for {shown}")
-            target = _checked(response.url.join(URL(location)), shown, self.allowed)
+            try:
+                joined = response.url.join(URL(location))
+            except ValueError:  # a port out of range, a bad host: the host's error, the row's
+                raise ImageError(f"download failed: a bad redirect (Location not a URL) for {shown}") from None
+            target = _checked(joined, shown, self.allowed)
 
     async def _read(self, response: aiohttp.ClientResponse, shown: str) -> _Body:
         status = response.status
@@ -294,6 +311,7 @@ class ImageDownloads:
             shared.cancel()
         if self._session is not None:
             await self._session.close()
+            await self._resolver.close()  # aiohttp closes only a resolver it made itself
             self._session = None
 
 
