@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backends.batch import BatchBackend
-from .backends.batch_control import batches_in_flight, end_batch_round
+from .backends.batch_control import batches_in_flight, end_batch_round, round_unfinished
 from .backends.local import LocalBackend
 from .backends.ray import RayBackend, RayInput  # Ray itself is imported only when that backend runs
 from .config import Config, ResumeChanges
@@ -107,7 +107,7 @@ def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = 
     store = RunStore(OutputLayout(config.output.dir or default_output_dir(config, fingerprint), config.dataset.split))
     changes = ResumeChanges(retry_errors=retry_errors)
     store.check(fingerprint, config.run.chunk_size, overwrite=overwrite, changes=changes)  # before any download
-    _check_batches_in_flight(store.layout, config.run.backend, overwrite)
+    _check_batches_in_flight(store.layout, config.run.backend, overwrite, retry_errors)
     if data is None or config.output.push_to_hub:
         bound_hub_calls(config.output.hub_timeout_s)  # huggingface_hub's clients have no timeout
     source: Source | RayInput = (RayInput.open(config.dataset, data) if config.run.backend == "ray"
@@ -139,9 +139,13 @@ def plan_run(config: Config, data: Any = None, *, llm: "BaseChatModel | None" = 
     return RunPlan(core, backend)
 
 
-def _check_batches_in_flight(layout: OutputLayout, backend: str, overwrite: bool) -> None:
+def _check_batches_in_flight(layout: OutputLayout, backend: str, overwrite: bool, retry_errors: bool) -> None:
     """ConfigError when batches of the folder may still be running at the provider and the run would
-    not collect them (another backend would buy their rows again; --overwrite would drop them)."""
+    not collect them (another backend would buy their rows again; --overwrite would drop them), or
+    when --retry-errors comes before a batch round is over (the round's rows are not all answered)."""
+    if backend == "batch" and retry_errors and not overwrite and round_unfinished(layout):
+        raise ConfigError(f"output.dir {str(layout.dir)!r}: the batch run is not finished (capstream status "
+                          f"{layout.dir}): run it again without --retry-errors to collect its batches first")
     if backend == "batch" and not overwrite:
         return
     running = batches_in_flight(layout)

@@ -241,6 +241,39 @@ def test_the_enqueued_token_limit_waits_and_submits_again(batch_server, rows_300
     assert sum(t["refusal"] == "token_limit_exceeded" for f in ledger["files"] for t in f["tries"]) == len(refused)
 
 
+def test_a_batch_made_but_its_reply_lost_is_found_not_made_twice(batch_server, rows_300, tmp_path):
+    """The provider made the batch and the answer was lost (a 500): the next attempt finds it by its
+    metadata instead of paying for the same requests twice."""
+    data, rows, broken = rows_300
+    batch_server.lose_create_replies = 2
+    run(load_config(configs(tmp_path, batch_server, data, "out", run={"backend": "batch"},
+                            batch={"max_requests": 100})), show_progress=False)
+    check_output(tmp_path / "out", rows, broken)
+    assert batch_server.uploads == batch_server.creates == len(batch_server.batches) == 3
+    assert max(collections.Counter(c for b in batch_server.batches.values() for c in b.custom_ids).values()) == 1
+
+
+def test_a_line_refused_for_the_key_stops_the_run_after_its_file_is_collected(batch_server, rows_300, tmp_path):
+    """A 401 line would refuse every line: the run stops with one message, but only once every other
+    answer of the file is logged, and the rerun submits the refused lines alone."""
+    data, rows, broken = rows_300
+    batch_server.status_for = lambda info: 401 if int(info.text.rsplit(" ", 1)[1]) % 50 == 1 else None
+    config = configs(tmp_path, batch_server, data, "out", run={"backend": "batch"})
+    with pytest.raises(RunStopped, match="refused model .* in a batch: .*HTTP 401"):
+        run(load_config(config), show_progress=False)
+    batch_server.status_for = None
+    run(load_config(config), show_progress=False)
+    check_output(tmp_path / "out", rows, broken)
+    batches = list(batch_server.batches.values())
+    assert len(batches) == 2
+
+    def row_of(custom_id: str) -> int:  # r<round>-c<chunk>-o<offset>-...: chunks of 64 rows
+        chunk, offset = re.match(r"r\d+-c(\d+)-o(\d+)-", custom_id).groups()
+        return 64 * int(chunk) + int(offset)
+
+    assert sorted(row_of(c) for c in batches[1].custom_ids) == [i for i in range(1, 300, 50) if i not in broken]
+
+
 def test_a_batch_refused_for_another_reason_stops_the_run_with_one_message(batch_server, rows_300, tmp_path):
     data, rows, broken = rows_300
     batch_server.refuse_code = "invalid_model"
@@ -267,9 +300,14 @@ def test_the_budget_is_checked_before_each_batch(batch_server, rows_300, tmp_pat
         run(load_config(config), show_progress=False)
     assert batch_server.creates == 1 and 0.02 < stopped.value.summary.cost_usd < 0.08
     assert stopped.value.summary.rows == 64  # the chunk the first file answered whole is written
+    # --retry-errors before the round is over would find rows without answers: refused, nothing changed.
+    with pytest.raises(ConfigError, match="not finished .* without --retry-errors to collect its batches first"):
+        run(load_config(config, overrides=["run.max_cost_usd=1"]), retry_errors=True, show_progress=False)
     run(load_config(config, overrides=["run.max_cost_usd=1"]), show_progress=False)
     check_output(tmp_path / "out", rows, broken)
     assert batch_server.creates == 3  # the files held back went, none twice
+    run(load_config(config, overrides=["run.max_cost_usd=1"]), retry_errors=True, show_progress=False)
+    assert batch_server.creates == 3  # the round is over: only the broken images are errors, nothing to ask
 
 
 def test_a_finished_run_uploads_nothing_and_retry_errors_submits_only_the_error_rows(batch_server, rows_300, tmp_path):

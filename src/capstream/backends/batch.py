@@ -46,7 +46,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ..core.run import RowToDo, RunCore
+from ..core.run import RowToDo, RunCore, hashable_key
 from ..errors import BudgetReached, Interrupted, RunStopped
 from ..io.batch_ledger import (
     BatchLedger,
@@ -60,7 +60,15 @@ from ..io.batch_ledger import (
 )
 from ..io.results_log import records
 from ..io.source import Chunk, Source
-from ..model.batch_api import TOKEN_LIMIT, BatchAPI, BatchState, ResultLine, read_result_lines, request_line
+from ..model.batch_api import (
+    TOKEN_LIMIT,
+    WITH_RESULTS,
+    BatchAPI,
+    BatchState,
+    ResultLine,
+    read_result_lines,
+    request_line,
+)
 from ..row.batch_rows import BatchRows, LineOutcome
 from ..row.results import PromptAnswer, row_result
 from ..row.session import SessionSpec
@@ -346,24 +354,21 @@ class _BatchRun:
             file_id = await self.api.upload(self.ledger.path_of(record))
             record.uploaded(file_id, time.time())
             self.ledger.save()
-        metadata = self._metadata(record)
+        identity = self.ledger.identity(record)  # the folder's name is sent too, for people only
         if record.creating_at is not None:  # a kill came between asking for the batch and recording it
-            found = await self.api.find(metadata, since=record.creating_at - 3600)
+            found = await self.api.find(identity, since=record.creating_at - 3600)
             if found:
-                self._created(record, found[-1])  # the oldest, if a provider ever made two
+                self._created(record, await self.api.adopt(found))
                 return
         record.creating(time.time())
         self.ledger.save()
         state = await self.api.create(record.file_id, completion_window=self.settings.completion_window,
-                                      metadata=metadata)
+                                      metadata={**identity, "capstream_output": self.core.store.dir.name[:500]},
+                                      identity=identity)
         if state.refusal == TOKEN_LIMIT:
             self._wait_for_token_limit(record)
             return
         self._created(record, state)
-
-    def _metadata(self, record: RequestFile) -> dict[str, str]:
-        return {"capstream_run": self.ledger.run_id, "capstream_file": record.name,
-                "capstream_try": str(len(record.tries)), "capstream_output": self.core.store.dir.name[:500]}
 
     def _created(self, record: RequestFile, state: BatchState) -> None:
         record.created(BatchTry.of(state))
@@ -378,7 +383,7 @@ class _BatchRun:
     async def _poll(self, record: RequestFile) -> bool:
         batch = record.batch
         changed = False
-        if batch.status not in ("completed", "expired", "cancelled"):  # a done batch's files are recorded
+        if batch.status not in WITH_RESULTS:  # a done batch's files are recorded
             state = await self.api.retrieve(batch.id)
             changed = record.seen(BatchTry.of(state))
             if changed:
@@ -392,7 +397,7 @@ class _BatchRun:
                 raise RunStopped(f"{self.api.refusal.endpoint} refused batch {batch.id} of {record.name}: "
                                  f"{self.api.refusal.scrub(state.refusal_text())}")
             batch = record.batch
-        if batch.status in ("completed", "expired", "cancelled"):
+        if batch.status in WITH_RESULTS:
             paths = []
             for kind, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
                 if file_id:
@@ -447,17 +452,24 @@ class _BatchRun:
                     self._take(entry, ResultLine(custom_id, error_code="not_answered"), logged, again, counts)
         self.ledger.settle(record, counts, self._resubmit(record, again))
         self.ledger.remove_files_of(record)
+        # A refused key or model stops the run only now: every answer the file holds is logged, and its
+        # refused lines wait in a later request file for the rerun.
+        refused = next((outcome.stops_run for _, outcome in again if outcome.stops_run), None)
+        if refused is not None:
+            raise RunStopped(refused)
 
     def _take(self, entry: IndexEntry, line: ResultLine, logged: set, again: list, counts: dict[str, int]) -> None:
         outcome = self.rows.read(self.prompts[entry.prompt], line, attempts=entry.attempts + 1, paid=entry.paid)
         answer = outcome.answer
-        own = (entry.chunk, _hashable(self._key(entry.chunk, entry.offset, entry.row_key)), self.prompts[entry.prompt])
+        key = hashable_key(self._key(entry.chunk, entry.offset, entry.row_key))
+        own = (entry.chunk, key, self.prompts[entry.prompt])
         if line.status is not None and own not in logged:  # a request the provider ran: an attempt, and its cost
             self.core.usage.count_attempt(retry=entry.attempts > 0)
             self.core.usage.add_paid(answer.input_tokens - entry.paid[0], answer.output_tokens - entry.paid[1])
         if outcome.again is not None:
-            allowed = (entry.invalid + 1 < self.invalid_answer_attempts if outcome.invalid
-                       else entry.attempts < self.settings.max_resubmits)
+            allowed = outcome.stops_run is not None or (
+                entry.invalid + 1 < self.invalid_answer_attempts if outcome.invalid
+                else entry.attempts < self.settings.max_resubmits)
             if allowed:
                 again.append((entry, outcome))
                 counts["again"] += 1
@@ -474,7 +486,7 @@ class _BatchRun:
                                                        provenance=answer.provenance)
             key = self._key(chunk, offset, row_key)
             name = self.prompts[prompt]
-            if (chunk, _hashable(key), name) in logged:
+            if (chunk, hashable_key(key), name) in logged:
                 self.received.setdefault((chunk, offset), {})[name] = given  # logged by the run that was killed
             else:
                 self._keep(chunk, offset, key, name, given)
@@ -497,7 +509,7 @@ class _BatchRun:
             for r in records(log):
                 when = r.provenance.answered_at if r.provenance is not None else None
                 if r.chunk in record.chunks and when is not None and when >= record.collect_started:
-                    found.add((r.chunk, _hashable(r.key), r.prompt))
+                    found.add((r.chunk, hashable_key(r.key), r.prompt))
         return found
 
     def _resubmit(self, record: RequestFile, again: list[tuple[IndexEntry, LineOutcome]]) -> list[RequestFile]:
@@ -551,10 +563,6 @@ class _BatchRun:
 def _lines_of(paths: list) -> Iterable[ResultLine]:
     for path in paths:
         yield from read_result_lines(path)
-
-
-def _hashable(key: Any) -> Any:
-    return tuple(key) if isinstance(key, list) else key
 
 
 __all__ = ["BatchBackend", "PLAN_AHEAD"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 from ..io.batch_ledger import BatchLedger, BatchTry
 from ..io.layout import OutputLayout
-from ..model.batch_api import BatchAPI
+from ..model.batch_api import RUNNING, BatchAPI
 from .local import run_on_own_loop
 
 if TYPE_CHECKING:
@@ -71,12 +71,16 @@ def cancel_batches(layout: OutputLayout, model: "ModelConfig") -> list[str]:
         try:
             cancelled = []
             for record in ledger.open_files:
-                if record.batch is None:
+                if record.batch is not None:
+                    states = [await api.retrieve(record.batch.id)]  # the ledger's last look may be old
+                elif record.creating_at is not None:  # made, perhaps, by a run killed before it recorded it
+                    states = await api.find(ledger.identity(record), since=record.creating_at - 3600)
+                else:
                     continue
-                state = await api.retrieve(record.batch.id)  # the ledger's last look may be old
-                if state.status in ("validating", "in_progress", "finalizing"):
-                    await api.cancel(state.id)
-                    cancelled.append(state.id)
+                for state in states:
+                    if state.status in RUNNING:
+                        await api.cancel(state.id)
+                        cancelled.append(state.id)
             return cancelled
         finally:
             await api.aclose()
@@ -112,6 +116,10 @@ def end_batch_round(layout: OutputLayout) -> None:
     ledger.planned(ledger.chunks or 0)
 
 
+def round_unfinished(layout: OutputLayout) -> bool:
+    """A batch run's round is still going in the folder: planned only in part, or files not collected."""
+    ledger = BatchLedger.read(layout)
+    return ledger is not None and ledger.round > 0 and not ledger.settled
 
 
-__all__ = ["FileStatus", "batch_status", "cancel_batches", "batches_in_flight", "end_batch_round"]
+__all__ = ["FileStatus", "batch_status", "cancel_batches", "batches_in_flight", "end_batch_round", "round_unfinished"]

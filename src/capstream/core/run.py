@@ -188,7 +188,7 @@ class RunCore:
         results: list[RowResult | None] = [None] * len(chunk)
         todo = []
         for offset, key, known, make in self._rows(chunk):
-            self.logged.pop(_hashable(key), None)
+            self.logged.pop(hashable_key(key), None)
             results[offset] = row_result(self.shape.prompts, known)
             if results[offset] is not None:
                 self.rows_from_log += 1
@@ -213,7 +213,7 @@ class RunCore:
             raise RunStopped(f"prompt placeholder {{{missing[0]}}}: no column {missing[0]!r} in the rows read")
         keys = columns[shape.key_column] if shape.key_column else range(chunk.start, chunk.start + len(chunk))
         for offset, key in enumerate(keys):
-            known = self.logged.get(_hashable(key), {})
+            known = self.logged.get(hashable_key(key), {})
 
             def make(offset: int = offset, key: Any = key, known: dict = known) -> RowToDo:
                 row = {name: columns[name][offset] for name in shape.template_columns}
@@ -356,7 +356,8 @@ def _with_column_after(features: Any, after: str, name: str, feature: Any) -> An
     return datasets.Features(dict(items[:place] + [(name, feature)] + items[place:]))
 
 
-def _hashable(key: Any) -> Any:
+def hashable_key(key: Any) -> Any:
+    """A row's key as a dict key (a key column of lists holds lists)."""
     return tuple(key) if isinstance(key, list) else key
 
 
@@ -368,4 +369,4 @@ def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-__all__ = ["RunCore", "RunResult", "RowShape", "RowToDo", "ChunkWork", "Backend", "DRAIN_GRACE_S"]
+__all__ = ["RunCore", "RunResult", "RowShape", "RowToDo", "ChunkWork", "Backend", "DRAIN_GRACE_S", "hashable_key"]

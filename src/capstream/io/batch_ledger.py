@@ -315,6 +315,11 @@ class BatchLedger:
         """Chunks with a row-prompt in a file not collected yet."""
         return {c for f in self.open_files for c in f.chunks}
 
+    def identity(self, record: RequestFile) -> dict[str, str]:
+        """The metadata naming a batch of the file's current try: how a batch whose creation was
+        not recorded (a kill, a lost reply) is found at the provider."""
+        return {"capstream_run": self.run_id, "capstream_file": record.name, "capstream_try": str(len(record.tries))}
+
     def path_of(self, record: RequestFile) -> Path:
         return self.layout.batch_dir / record.name
 

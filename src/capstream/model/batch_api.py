@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
@@ -33,6 +34,8 @@ from .settings import ModelConfig
 
 TOKEN_LIMIT = "token_limit_exceeded"  # the enqueued-token limit: wait for batches in flight, then again
 DONE = frozenset({"completed", "failed", "expired", "cancelled"})  # a batch in these states changes no more
+RUNNING = frozenset({"validating", "in_progress", "finalizing"})  # may still be cancelled
+WITH_RESULTS = DONE - {"failed"}  # done, with output and error files to collect (failed: refused whole)
 TRANSFER_TIMEOUT_S = 600.0  # uploading or downloading a file of up to 200 MB
 
 
@@ -153,11 +156,29 @@ class BatchAPI:
         uploaded = await self._call(f"the upload of {path.name}", self.client.files.create, file=path, purpose="batch")
         return uploaded.id
 
-    async def create(self, file_id: str, *, completion_window: str, metadata: dict[str, str]) -> BatchState:
-        """Create a batch of the uploaded file; a refused ``BatchState`` for the enqueued-token limit."""
+    async def create(self, file_id: str, *, completion_window: str, metadata: dict[str, str],
+                     identity: dict[str, str]) -> BatchState:
+        """Create a batch of the uploaded file; a refused ``BatchState`` for the enqueued-token limit.
+
+        A failed attempt may still have made the batch (only its answer lost): before each attempt
+        after the first, the batches whose metadata holds ``identity`` are looked for, and the one
+        found is returned instead of making a second batch of the same requests."""
+        since = time.time() - 3600  # the provider's clock may differ from ours
+
+        async def create_once(attempt: int) -> Any:
+            if attempt > 1:
+                found = await self.find(identity, since=since)
+                if found:
+                    return found
+            return await self.client.batches.create(input_file_id=file_id, endpoint=self.endpoint,
+                                                    completion_window=completion_window, metadata=metadata)
+
         try:
-            batch = await self._retrying(self.client.batches.create, input_file_id=file_id, endpoint=self.endpoint,
-                                         completion_window=completion_window, metadata=metadata)
+            batch = await self._retrying_numbered(create_once)
+            if isinstance(batch, list):
+                return await self.adopt(batch)
+        except RunStopped:
+            raise
         except Exception as exc:
             if getattr(exc, "code", None) == TOKEN_LIMIT:  # the error's code, not its text
                 return BatchState.refused(TOKEN_LIMIT, self.refusal.scrub(str(getattr(exc, "message", exc))))
@@ -215,10 +236,22 @@ class BatchAPI:
         except Exception as exc:
             raise self._stopped(what, exc) from None
 
+    async def adopt(self, found: list[BatchState]) -> BatchState:
+        """The batch to keep of those made of one request file (``find``'s list, newest first): the
+        oldest; any other is cancelled, so that no request is paid for twice."""
+        for extra in found[:-1]:
+            if extra.status in RUNNING:
+                await self.cancel(extra.id)
+        return found[-1]
+
     async def _retrying(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        return await self._retrying_numbered(lambda attempt: fn(*args, **kwargs))
+
+    async def _retrying_numbered(self, fn: Callable[[int], Awaitable[Any]]) -> Any:
+        """``fn(attempt number)`` with transient failures tried again (``model/retry``'s policy)."""
         async for attempt in request_retrying(max_attempts=self.max_attempts, max_wait_s=self.max_wait_s):
             with attempt:
-                return await fn(*args, **kwargs)
+                return await fn(attempt.retry_state.attempt_number)
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     def _stopped(self, what: str, exc: BaseException) -> RunStopped:
@@ -231,4 +264,5 @@ class BatchAPI:
         return RunStopped(f"{self.refusal.endpoint} refused {what}: {text}")
 
 
-__all__ = ["BatchAPI", "BatchState", "ResultLine", "request_line", "read_result_lines", "TOKEN_LIMIT", "DONE"]
+__all__ = ["BatchAPI", "BatchState", "ResultLine", "request_line", "read_result_lines", "TOKEN_LIMIT", "DONE", "RUNNING",
+           "WITH_RESULTS"]

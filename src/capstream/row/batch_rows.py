@@ -32,7 +32,6 @@ from ..errors import (
     InvalidAnswer,
     RequestFailed,
     RowError,
-    RunStopped,
     TruncatedAnswer,
 )
 from ..model.batch_api import ResultLine
@@ -80,6 +79,7 @@ class LineOutcome:
     answer: PromptAnswer
     again: str | None = None
     invalid: bool = False  # asked again because the answer does not match the prompt's schema
+    stops_run: str | None = None  # the provider refused the model or the key: why the run stops (asked again later)
 
 
 class BatchRows:
@@ -99,13 +99,12 @@ class BatchRows:
         self.body_model = body_model  # Azure: each line names its deployment
 
     @classmethod
-    def open(cls, spec: SessionSpec, *, prep_pool: Executor, base_dir: str | None = None,
-             keep_files: bool = False) -> "BatchRows":
+    def open(cls, spec: SessionSpec, *, prep_pool: Executor, base_dir: str | None = None) -> "BatchRows":
         """The batch rows of a run's ``SessionSpec`` (the model built from ``spec.model``, never sent to)."""
         llm = build_chat_model(spec.model)
         if not can_build_bodies(llm):
             raise ConfigError(f"run.backend: batch: the {type(llm).__name__} chat model cannot build request bodies")
-        images = ImagePreparer(spec.image, spec.model, prep_pool, base_dir=base_dir, keep_files=keep_files)
+        images = ImagePreparer(spec.image, spec.model, prep_pool, base_dir=base_dir)
         return cls(spec.prompts, images, llm, spec.open_bought(), spec.prompt_asks(),
                    output_budget=spec.model.max_tokens or 300, refusal=describe_refusal(spec.model),
                    body_model=spec.model.name if spec.model.provider == "azure" else None)
@@ -123,8 +122,8 @@ class BatchRows:
         for name in todo:
             text, system = self.prompts[name].render(row)
             key = self.asks[name].key(text, system, digest)
-            if (bought := self.bought.get(key)) is not None:
-                answers[name] = PromptAnswer(bought, source="cache")
+            if (bought := self.bought.get_answer(key)) is not None:
+                answers[name] = PromptAnswer(bought.value, source="cache", provenance=bought.provenance)
             else:
                 to_build.append((name, key, text, system))
         if not to_build:
@@ -142,7 +141,7 @@ class BatchRows:
             body = request_body(self.llm, build_messages(text, system, url, self.images.detail), ask.options)
             if self.body_model is not None:
                 body["model"] = self.body_model
-            tokens_in = self.images.tokens(image) + (len(text) + len(system or "")) // 4 + 10
+            tokens_in = self.images.input_tokens(image, text, system)
             asks.append(PlannedAsk(name, self.order.index(name), key,
                                    json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
                                    tokens_in, ask.max_tokens or self.output_budget))
@@ -151,7 +150,8 @@ class BatchRows:
     def read(self, prompt: str, line: ResultLine, *, attempts: int, paid: tuple[int, int] = (0, 0)) -> LineOutcome:
         """The answer a result line gives for ``prompt`` (``attempts``: batches the request went into,
         this one included; ``paid``: tokens earlier batches paid for it, for an answer asked again).
-        ``RunStopped`` for a line refused for a reason that would refuse every line (bad key, no model)."""
+        A line refused for a reason that would refuse every line (bad key, no model) is to be asked
+        again, with ``stops_run`` saying why the run stops once the file is collected."""
         if line.status == 200 and line.body is not None:
             return self._read_answer(self.prompts[prompt], line.body, attempts, paid)
         # No answer: an error row, or a request to send again. It is dated all the same (the log
@@ -164,9 +164,9 @@ class BatchRows:
                                  output_tokens=paid[1], provenance=origin)
             if failed.failure is Failure.TRANSIENT:
                 return LineOutcome(error, again=f"HTTP {line.status}")
-            if failed.failure is Failure.FATAL:
-                raise RunStopped(f"{self.refusal.endpoint} refused model {self.refusal.model!r} in a batch: "
-                                 f"{error.error}")
+            if failed.failure is Failure.FATAL:  # not the row's fault: the rest of the file is collected first
+                return LineOutcome(error, again=f"HTTP {line.status}", stops_run=(
+                    f"{self.refusal.endpoint} refused model {self.refusal.model!r} in a batch: {error.error}"))
             return LineOutcome(error)
         code = line.error_code or "not_answered"
         text = f"BatchError: {code}" + (f": {line.error_message}" if line.error_message else "")
@@ -194,7 +194,8 @@ class BatchRows:
     def keep(self, key: str, answer: PromptAnswer) -> None:
         """A good answer bought through a batch goes into the answers bought (the response cache)."""
         if answer.ok:
-            self.bought.put(key, answer.value, input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)
+            self.bought.put(key, answer.value, input_tokens=answer.input_tokens, output_tokens=answer.output_tokens,
+                            provenance=answer.provenance)
 
     async def aclose(self) -> None:
         """Close the answers bought and the downloads' connections; call on the loop that planned."""

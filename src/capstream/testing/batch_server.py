@@ -20,7 +20,8 @@ None: all); ``token_limit_refusals`` (the next N batches fail validation with
 so too); ``refuse_code`` (the next batch fails validation with this code); ``hold`` (a set of
 steps that wait while named: ``upload`` after the file is stored, ``create`` after the batch is
 made and before its id is answered, ``progress`` before any line is done, ``content`` before a
-file is served).
+file is served); ``lose_create_replies`` (the next N batches are made, but their creation is
+answered with a 500, as a reply lost on the way back).
 
 Counters: ``uploads``, ``creates``, ``retrieves``, ``uploaded`` (file id -> bytes), ``batches`` (id -> ``FakeBatch``),
 ``submitted`` (Counter of custom_ids over every batch that went past validation), ``expired_ids``,
@@ -95,6 +96,7 @@ class FakeBatchOpenAI(FakeOpenAI):
         self.token_limit_refusals = token_limit_refusals
         self.max_unfinished = max_unfinished
         self.refuse_code: str | None = None
+        self.lose_create_replies = 0
         self.hold: set[str] = set()
         self.line_concurrency = line_concurrency
         self.uploads = 0
@@ -188,6 +190,9 @@ class FakeBatchOpenAI(FakeOpenAI):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await self._wait_while_held("create")
+        if self.lose_create_replies > 0:
+            self.lose_create_replies -= 1
+            return self._error(500, "The server had an error while processing your request")
         return web.json_response(batch.to_json())
 
     async def _h_retrieve(self, request: web.Request) -> web.Response:
