@@ -130,18 +130,18 @@ class PromptAsk:
 class ImagePreparer:
     """Turns a row's image value into the payload sent, off the event loop, at the size the image
     settings and the model's token rule decide; an image URL is downloaded first, on the loop
-    (``downloads``: ``row/downloads.py``). With ``keep_files`` (``keep_downloads``), the bytes of
+    (``row/downloads.py``). With ``keep_files`` (``keep_downloads``), the bytes of
     image files the rows name by path only (a Hub repo's images) (of the images downloaded) are kept
     in ``files_read`` as read, for the shard writer to embed (and drop) instead of reading them again."""
 
     def __init__(self, image: "ImageConfig", model: "ModelConfig", pool: Executor, *, base_dir: str | None = None,
-                 keep_files: bool = False, keep_downloads: bool = False, downloads: ImageDownloads | None = None):
+                 keep_files: bool = False, keep_downloads: bool = False):
         self.max_side, self.quality, self.detail = image.max_side, image.quality, image.detail
         self.pool = pool
         self.base_dir = base_dir
         self.keep_files, self.keep_downloads = keep_files, keep_downloads
         self.files_read: KeptFiles | None = KeptFiles() if keep_files or keep_downloads else None
-        self.downloads = downloads if downloads is not None else ImageDownloads(image)
+        self.downloads = ImageDownloads(image)
         self._sent_size = sent_size(image, model.name)  # image.max_side and max_tokens_per_image
         self._rule = image_rule(model.name)  # looked up once, not per request
 
@@ -177,6 +177,11 @@ class ImagePreparer:
         """Input tokens the image counts under the model's rule (as ``capstream estimate`` counts it)."""
         return self._rule.tokens(image.width, image.height, self.detail)
 
+    def input_tokens(self, image: PreparedImage, text: str, system: str | None) -> int:
+        """Input tokens of one request about the image: its rule's, and its text's at about 4
+        characters a token (the limiter's and the budget's estimate; the provider counts exactly)."""
+        return self.tokens(image) + (len(text) + len(system or "")) // 4 + 10
+
 
 class CaptionSession:
     """One event loop's captioning of rows; make one with ``SessionSpec.open()`` inside that loop."""
@@ -207,7 +212,7 @@ class CaptionSession:
 
     def estimated_tokens(self, image: PreparedImage, text: str, system: str | None, max_tokens: int | None = None) -> int:
         """Tokens one request counts against a tokens-per-minute limit (input + max output)."""
-        return self.images.tokens(image) + (len(text) + len(system or "")) // 4 + 10 + (max_tokens or self.output_budget)
+        return self.images.input_tokens(image, text, system) + (max_tokens or self.output_budget)
 
     async def caption(self, value: Any, row: dict[str, Any] | None = None, *,
                       known: dict[str, PromptAnswer] | None = None, record: RecordAnswer | None = None) -> RowResult:
