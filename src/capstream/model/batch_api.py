@@ -165,25 +165,20 @@ class BatchAPI:
         found is returned instead of making a second batch of the same requests."""
         since = time.time() - 3600  # the provider's clock may differ from ours
 
-        async def create_once(attempt: int) -> Any:
-            if attempt > 1:
-                found = await self.find(identity, since=since)
-                if found:
-                    return found
-            return await self.client.batches.create(input_file_id=file_id, endpoint=self.endpoint,
-                                                    completion_window=completion_window, metadata=metadata)
+        async def create_once(attempt: int) -> BatchState:
+            if attempt > 1 and (found := await self.find(identity, since=since)):
+                return await self.adopt(found)
+            return BatchState.of(await self.client.batches.create(
+                input_file_id=file_id, endpoint=self.endpoint, completion_window=completion_window, metadata=metadata))
 
         try:
-            batch = await self._retrying_numbered(create_once)
-            if isinstance(batch, list):
-                return await self.adopt(batch)
+            return await self._retrying_numbered(create_once)
         except RunStopped:
             raise
         except Exception as exc:
             if getattr(exc, "code", None) == TOKEN_LIMIT:  # the error's code, not its text
                 return BatchState.refused(TOKEN_LIMIT, self.refusal.scrub(str(getattr(exc, "message", exc))))
             raise self._stopped("a new batch", exc) from None
-        return BatchState.of(batch)
 
     async def retrieve(self, batch_id: str) -> BatchState:
         return BatchState.of(await self._call(f"batch {batch_id}", self.client.batches.retrieve, batch_id))
@@ -264,5 +259,5 @@ class BatchAPI:
         return RunStopped(f"{self.refusal.endpoint} refused {what}: {text}")
 
 
-__all__ = ["BatchAPI", "BatchState", "ResultLine", "request_line", "read_result_lines", "TOKEN_LIMIT", "DONE", "RUNNING",
-           "WITH_RESULTS"]
+__all__ = ["BatchAPI", "BatchState", "ResultLine", "request_line", "read_result_lines", "TOKEN_LIMIT", "DONE",
+           "RUNNING", "WITH_RESULTS"]
