@@ -108,6 +108,26 @@ def test_without_matplotlib_the_report_gives_its_figures_as_tables(finished, mon
     assert site.rows == 300 and not list((out / "view" / "report").glob("*.svg"))
 
 
+def test_the_report_gives_each_prompts_retries(server, tmp_path, parquet_300):
+    """Several prompts: the retries each prompt's answers needed, from the attempts the log records."""
+    data, broken = parquet_300
+    server.p429 = 0.1
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", server.url, data, out, retry={"max_attempts": 10, "max_wait_s": 0.2},
+                          prompts={"caption": {"text": "Describe."}, "short": {"text": "One word."}})
+    assert run_cli("run", str(config)).returncode == 0
+    needed = {"caption": 0, "short": 0}
+    for log in OutputLayout(out, "train").results_logs():
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            needed[record["p"]] += record.get("n", 1) - 1
+    assert sum(needed.values()) > 0  # some answers were retried
+    assert run_cli("view", str(out)).returncode == 0
+    report = (out / "view" / "report.html").read_text()
+    for name, n in needed.items():
+        assert f"prompt {name}: retries its answers needed</th><td>{n:,}<" in report, name
+
+
 def test_a_second_view_reuses_the_thumbnails(finished):
     out, _ = finished
     assert run_cli("view", str(out)).returncode == 0

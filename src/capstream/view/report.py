@@ -220,6 +220,12 @@ class _Report:
 
     def _retries(self) -> Section:
         section = Section("retries", "Retries and 429s over time")
+        if self.several:  # the events do not name the prompt; each answer says how many attempts it took
+            needed = Counter()
+            for r in self.bought:
+                needed[r.prompt] += max(0, (r.provenance.attempts or 1) - 1)
+            section.table.extend((f"prompt {name}: retries its answers needed", f"{needed[name]:,}")
+                                 for name in self.prompts)
         attempts = self.events.attempts
         if self.events.logs:
             retried = [a for a in attempts if a.retried]
