@@ -431,6 +431,38 @@ def test_rows_by_key_and_a_streamed_dataset(batch_server, rows_300, tmp_path, st
     assert batch_server.creates == 4
 
 
+def test_a_streamed_input_is_read_twice_whatever_the_number_of_batches(batch_server, rows_300, tmp_path,
+                                                                      monkeypatch):
+    """Planning reads the input once, writing once more, in order: not again from the start for every
+    group of chunks whose answers came in (a streamed dataset would be read once per chunk)."""
+    from capstream.io.source import Source
+
+    data, rows, broken = rows_300
+    passes, rows_read = [], []
+    chunks = Source.chunks
+
+    def counted(self, chunk_size, skip=frozenset()):
+        passes.append(sorted(skip))
+        for chunk in chunks(self, chunk_size, skip):
+            rows_read.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(Source, "chunks", counted)
+    asked = collections.Counter()
+
+    def status_for(info):  # rows 5, 105, 205 fail their first time: answered in a later batch
+        asked[info.text] += 1
+        return 500 if int(info.text.rsplit(" ", 1)[1]) % 100 == 5 and asked[info.text] == 1 else None
+
+    batch_server.status_for = status_for
+    config = configs(tmp_path, batch_server, data, "out", run={"backend": "batch", "chunk_size": 32},
+                     batch={"max_requests": 25}, dataset={"streaming": True})
+    run(load_config(config), show_progress=False)
+    check_output(tmp_path / "out", rows, broken)
+    assert batch_server.creates > 10  # many groups of chunks answered at different times
+    assert len(passes) == 2 and sum(rows_read) == 2 * 300
+
+
 def test_estimate_prices_for_batch(batch_server, rows_300, tmp_path):
     data, rows, broken = rows_300
     online = configs(tmp_path, batch_server, data, "online")

@@ -24,10 +24,11 @@
   into the response cache); a 4xx line is an error row; a 5xx, expired or cancelled line, and an
   answer that does not match the prompt's schema (``retry.invalid_answer_attempts``), go into a new
   request file, up to ``batch.max_resubmits`` later batches.
-* **Writing**: a chunk whose rows have all their answers (no file still out holds one of its
-  lines) is read again from the input and written as the local backend writes it (``open_chunk``,
-  ``row_done``, ``write_shard``, ``shard_written``); a chunk that needed no request is written when
-  planned. Answers wait in memory only until their chunk is written.
+* **Writing**: a second pass over the input, in order, writes each chunk whose rows have all their
+  answers (no file still out holds one of its lines) as the local backend writes it (``open_chunk``,
+  ``row_done``, ``write_shard``, ``shard_written``); the pass holds the first chunk still waiting
+  and goes on when it has its answers. A chunk that needed no request is written when planned.
+  Answers wait in memory only until their chunk is written; the input is read twice in all.
 * **Durable**: the ledger records each step before the next (see ``io/batch_ledger.py``); a rerun
   continues the planning where the ledger says it got, keeps polling the batches in flight, adopts
   a batch made just before a kill (found by its metadata), collects those done, and never makes a
@@ -44,7 +45,7 @@ import asyncio
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..core.run import RowToDo, RunCore, hashable_key
 from ..errors import BudgetReached, Interrupted, RunStopped
@@ -143,6 +144,11 @@ class _BatchRun:
                                     on_file=lambda record: self.file_ready.set())
         self.received: dict[tuple[int, int], dict[str, PromptAnswer]] = {}  # (chunk, offset) -> answers, unwritten
         self.waiting: set[int] = set()  # chunks planned whose shard waits for answers
+        self.planned_before = 0  # chunks below this index are planned (or were by an earlier run)
+        # The writer's one pass over the input, in order (a streamed input read again from the start
+        # at every write would cost reading the dataset once per chunk), and the chunk it holds.
+        self.to_write: Iterator[Chunk] | None = None
+        self.held: Chunk | None = None
         self.failure: RunStopped | None = None
         self.budget_note: str | None = None  # why a file was not submitted: the budget
         self.file_ready = asyncio.Event()  # the planner recorded a file
@@ -223,6 +229,7 @@ class _BatchRun:
         try:
             if self.ledger.planned_all:  # planned by an earlier run: its chunks wait for their answers
                 self.waiting |= set(range(self.ledger.chunks or 0)) - set(self.core.skip)
+                self.planned_before = self.ledger.chunks or 0
             else:
                 await self._plan_chunks()
         except RunStopped as err:
@@ -246,6 +253,7 @@ class _BatchRun:
             before = set(range(start[0]))
             self.waiting |= before - skip  # planned by an earlier run, not written yet
             skip |= before
+            self.planned_before = start[0]
         chunks = self.source.chunks(self.chunk_size, skip=skip)
         while not self.stopping.is_set():
             await self._room_to_plan()
@@ -253,9 +261,12 @@ class _BatchRun:
             if chunk is None:
                 self.writer.finish()
                 self.ledger.planned(self.source.chunk_count)
+                self.planned_before = self.source.chunk_count
                 return
             if len(chunk) and not self.stopping.is_set():
                 await self._plan_chunk(chunk, start)
+            if not self.stopping.is_set():
+                self.planned_before = chunk.index + 1
 
     async def _room_to_plan(self) -> None:
         """With batches to make, wait while ``PLAN_AHEAD`` files already wait for theirs."""
@@ -531,19 +542,28 @@ class _BatchRun:
     # -- writing -----------------------------------------------------------------------------------
 
     async def _write_ready(self) -> bool:
-        """Read again and write each chunk waiting for answers that has them all now."""
+        """Read the input again, once and in order, writing each chunk waiting for answers as soon
+        as it has them all; a chunk still waiting is held (with the answers of the chunks after it)
+        until it has them."""
         ready = self.waiting - self.ledger.touched_chunks() - self.writer.open_chunks
         if not ready:
             return False
-        last = max(ready)
-        chunks = self.source.chunks(self.chunk_size, skip=set(range(last + 1)) - ready)
+        if self.to_write is None:
+            self.to_write = self.source.chunks(self.chunk_size, skip=set(self.core.skip))
+        wrote = False
         while True:
-            chunk = await asyncio.to_thread(next, chunks, None)
-            if chunk is None or chunk.index > last:
-                break
+            chunk = self.held if self.held is not None else await asyncio.to_thread(next, self.to_write, None)
+            self.held = None
+            if chunk is None:
+                return wrote
+            if chunk.index not in self.waiting and chunk.index < self.planned_before:
+                continue  # written when planned (no request), or empty
+            if chunk.index not in ready:  # its answers, or its planning, are still to come
+                self.held = chunk
+                return wrote
             await self._write(chunk)
             self.waiting.discard(chunk.index)
-        return True
+            wrote = True
 
     async def _write(self, chunk: Chunk) -> None:
         work = self.core.open_chunk(chunk)
