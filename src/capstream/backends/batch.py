@@ -47,7 +47,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from ..core.run import RowToDo, RunCore, hashable_key
+from ..core.run import RowToDo, RunCore
 from ..errors import BudgetReached, Interrupted, RunStopped
 from ..io.batch_ledger import (
     BatchLedger,
@@ -59,7 +59,7 @@ from ..io.batch_ledger import (
     read_index,
     request_lines,
 )
-from ..io.results_log import records
+from ..io.results_log import hashable_key, records
 from ..io.source import Chunk, Source
 from ..model.batch_api import (
     TOKEN_LIMIT,

@@ -32,7 +32,7 @@ from ..errors import ConfigError, HubError, Interrupted, RunStopped
 from ..io.card import loading_code, write_card
 from ..io.events_log import EventsLog, RunMark
 from ..io.hub import HubExporter
-from ..io.results_log import LogRecord
+from ..io.results_log import LogRecord, hashable_key
 from ..io.source import Chunk
 from ..io.store import RunStore
 from ..io.summary import HubReport, RunSummary
@@ -356,11 +356,6 @@ def _with_column_after(features: Any, after: str, name: str, feature: Any) -> An
     return datasets.Features(dict(items[:place] + [(name, feature)] + items[place:]))
 
 
-def hashable_key(key: Any) -> Any:
-    """A row's key as a dict key (a key column of lists holds lists)."""
-    return tuple(key) if isinstance(key, list) else key
-
-
 def _rounded(usd: float | None) -> float | None:
     return None if usd is None else round(usd, 6)
 
@@ -369,4 +364,4 @@ def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-__all__ = ["RunCore", "RunResult", "RowShape", "RowToDo", "ChunkWork", "Backend", "DRAIN_GRACE_S", "hashable_key"]
+__all__ = ["RunCore", "RunResult", "RowShape", "RowToDo", "ChunkWork", "Backend", "DRAIN_GRACE_S"]

@@ -60,6 +60,12 @@ class LogRecord:
         return cls(chunk, key, prompt, answer.value, answer.error, answer.input_tokens, answer.output_tokens,
                    answer.provenance, time.time())
 
+    @property
+    def answered_at(self) -> float | None:
+        """When the answer came: from the model, else when it was logged (None: an old log)."""
+        p = self.provenance
+        return p.answered_at if p is not None and p.answered_at else self.logged_at
+
     def to_line(self) -> bytes:
         data = {"i": self.chunk, "k": self.key, "p": self.prompt, "v": self.value, "e": self.error,
                 "ti": self.input_tokens, "to": self.output_tokens}

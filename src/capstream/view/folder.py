@@ -30,7 +30,7 @@ from ..io.results_log import LogRecord, hashable_key, merge_log, records
 from ..io.store import Manifest
 from ..io.summary import RunSummary
 from ..row.prompts import Prompt, combined_error, compile_prompts
-from ..row.results import error_kind
+from ..row.results import Provenance, error_kind
 
 
 @dataclass(frozen=True)
@@ -131,16 +131,14 @@ def _value_of(prompt: Prompt, columns: dict[str, list], offset: int) -> Any:
 
 @dataclass(frozen=True)
 class AnswerView:
-    """One prompt's answer for one row, as the viewer shows it (what is not known is None)."""
+    """One prompt's answer for one row, as the viewer shows it (what is not known is None): its
+    value or error, the tokens it counted, and how it was bought (``Provenance``)."""
 
     value: Any
     error: str | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
-    latency_ms: int | None = None
-    attempts: int | None = None
-    model: str | None = None
-    finish_reason: str | None = None
+    provenance: Provenance | None = None
     answered_at: float | None = None
 
     @classmethod
@@ -148,15 +146,13 @@ class AnswerView:
         """The answer ``value`` with what its log ``record`` says (without one: ``unlogged_error``)."""
         if record is None:
             return cls(value, unlogged_error)
-        p = record.provenance
-        return cls(value, record.error, record.input_tokens, record.output_tokens,
-                   p.latency_ms if p else None, p.attempts if p else None, p.model if p else None,
-                   p.finish_reason if p else None, (p.answered_at if p and p.answered_at else record.logged_at))
+        return cls(value, record.error, record.input_tokens, record.output_tokens, record.provenance,
+                   record.answered_at)
 
     def to_json(self) -> dict[str, Any]:
+        p = self.provenance or Provenance()
         data = {"v": self.value, "e": self.error, "ti": self.input_tokens, "to": self.output_tokens,
-                "ms": self.latency_ms, "n": self.attempts, "m": self.model, "fr": self.finish_reason,
-                "t": self.answered_at}
+                "ms": p.latency_ms, "n": p.attempts, "m": p.model, "fr": p.finish_reason, "t": self.answered_at}
         return {k: v for k, v in data.items() if v is not None}
 
 
